@@ -1,0 +1,171 @@
+"""Typed configuration: the attack recipe (``AttackSpec``) and one fully resolved run (``RunConfig``).
+
+Both are pydantic models with ``extra="forbid"`` so that a misspelt key is an error, never a
+silently ignored setting. Presets carry published defaults; every field stays overridable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from suite.errors import GistressError, close_matches
+from suite.threat import ThreatModel
+
+# Published defaults. Sources: Geiping et al. 2020 (Inverting Gradients), Zhu et al. 2019 (DLG),
+# and the first paper's authors' public LeakPro code (gia_bn), see shared/papers/README.md.
+PRESETS: dict[str, dict] = {
+    "ig": dict(
+        objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=1e-4,
+        bn_prior=0.0, init="random", labels="auto",
+    ),
+    "dlg": dict(
+        objective="l2", optimizer="lbfgs", lr=1.0, signed=False, decay=False, tv=0.0,
+        bn_prior=0.0, init="random", labels="joint",
+    ),
+    "gia_bn": dict(
+        objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.052,
+        bn_prior=0.00016, init="random", labels="auto",
+    ),
+}
+
+
+class AttackSpec(BaseModel):
+    """How the attacker optimizes. ``preset`` fills fields the user did not set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = "ig"
+    objective: Literal["cosine", "l2"] | None = None
+    layer_weights: dict[str, float] = Field(default_factory=dict)  # fnmatch pattern -> weight
+    tv: float | None = Field(None, ge=0)
+    bn_prior: float | None = Field(None, ge=0)
+    optimizer: Literal["adam", "lbfgs"] | None = None
+    lr: float | None = Field(None, gt=0)
+    signed: bool | None = None
+    decay: bool | None = None
+    iterations: int = Field(300, ge=1)
+    restarts: int = Field(1, ge=1)
+    init: Literal["random", "noisy_target", "file"] | None = None
+    init_distribution: Literal["randn", "uniform"] = "randn"
+    noise_p: float | None = Field(None, ge=0, le=1)       # noisy_target: fraction of pixels replaced
+    noise_sigma: float | None = Field(None, ge=0)         # noisy_target: additive Gaussian sigma
+    init_file: str | None = None
+    labels: Literal["auto", "joint"] | None = None
+    control: bool = False
+    log_every: int = Field(25, ge=1)
+    clamp: bool = True
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self):
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                near = close_matches(self.preset, PRESETS)
+                raise ValueError(
+                    f"unknown preset '{self.preset}'"
+                    + (f"; did you mean {near}?" if near else "")
+                    + f" (presets: {', '.join(PRESETS)})"
+                )
+            for key, value in PRESETS[self.preset].items():
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, value)
+        fallback = PRESETS["ig"]
+        for key, value in fallback.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.init == "noisy_target" and self.noise_p is None and self.noise_sigma is None:
+            raise ValueError("init=noisy_target needs noise_p (pixel fraction) or noise_sigma")
+        if self.init == "file" and not self.init_file:
+            raise ValueError("init=file needs init_file=<path to an image>")
+        return self
+
+    @property
+    def oracle_init(self) -> bool:
+        """True when the start image is derived from the target (an oracle assumption)."""
+        return self.init == "noisy_target"
+
+
+class RunConfig(BaseModel):
+    """One fully resolved setting: what to build, what data, which threat model, which attack."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    variant: str
+    variant_options: dict = Field(default_factory=dict)
+    weights: str = "random"
+    trust_checkpoint: bool = False
+    calibration_batches: int = Field(4, ge=1)
+    data: str = "samples"
+    images: list[str] = Field(default_factory=lambda: ["astronaut"])
+    size: int | None = Field(None, ge=8)
+    seed: int = 0
+    device: str = "auto"
+    threat: ThreatModel = Field(default_factory=ThreatModel)
+    attack: AttackSpec = Field(default_factory=AttackSpec)
+    leak_psnr: float = 18.0
+    leak_lpips: float = 0.1
+
+    def config_hash(self) -> str:
+        """A stable hash of the resolved config (resume key)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str | int | float | bool]:
+        """Flat MLflow params named by the suite's vocabulary."""
+        a, t = self.attack, self.threat
+        params = {
+            "variant": self.variant,
+            "weights": self.weights,
+            "data": self.data,
+            "images": ",".join(self.images),
+            "batch_size": len(self.images),
+            "size": self.size if self.size is not None else "default",
+            "seed": self.seed,
+            "bn_mode": t.bn_mode,
+            "update": t.update,
+            "local_steps": t.local_steps,
+            "local_lr": t.local_lr,
+            "attacker_knows_training": t.attacker_knows_training,
+            "shares": "+".join(
+                [s for s, on in (("labels", t.shares_labels), ("bn_stats", t.bn_stats != "none")) if on]
+            ) or "none",
+            "bn_stats": t.bn_stats,
+            "defense": t.defense,
+            "preset": a.preset or "none",
+            "objective": a.objective,
+            "optimizer": a.optimizer,
+            "lr": a.lr,
+            "signed": a.signed,
+            "tv": a.tv,
+            "bn_prior": a.bn_prior,
+            "init": a.init,
+            "noise_p": a.noise_p if a.noise_p is not None else "none",
+            "noise_sigma": a.noise_sigma if a.noise_sigma is not None else "none",
+            "labels": a.labels,
+            "restarts": a.restarts,
+            "iterations": a.iterations,
+            "control": a.control,
+        }
+        for k, v in self.variant_options.items():
+            params[f"variant.{k}"] = v if isinstance(v, (int, float, bool, str)) else json.dumps(v)
+        return params
+
+
+def parse_attack(**fields) -> AttackSpec:
+    """Build an AttackSpec, turning validation errors into one-line GistressErrors."""
+    from pydantic import ValidationError
+
+    try:
+        return AttackSpec(**fields)
+    except ValidationError as exc:
+        raise GistressError(_first_error(exc), "check the attack settings (see README: presets)") from None
+
+
+def _first_error(exc) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg

@@ -1,0 +1,77 @@
+"""Result records passed from attack -> scoring -> tracking/studies (data flows one way)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Scores:
+    """Per-sample scores of a reconstruction against its target (after Hungarian matching).
+
+    ``lpips`` is None when the LPIPS backbone is unavailable; ``lpips_missing`` then says why
+    and which file to place. ``leaked`` uses PSNR alone in that case (``leak_rule`` says so).
+    ``order[i]`` is the reconstruction index matched to target i.
+    """
+
+    psnr: list[float]
+    ssim: list[float]
+    lpips: list[float] | None
+    leaked: list[bool]
+    order: list[int]
+    leak_rule: str = "psnr>=18 and lpips<=0.1"
+    lpips_missing: str | None = None
+
+    @property
+    def brr(self) -> float:
+        """Batch reconstruction rate: fraction of samples leaked."""
+        return sum(self.leaked) / max(len(self.leaked), 1)
+
+    @property
+    def any_leaked(self) -> bool:
+        return any(self.leaked)
+
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        """Mean scores as flat metrics (LPIPS omitted when missing, never reported as 0)."""
+        out = {
+            f"{prefix}psnr": sum(self.psnr) / len(self.psnr),
+            f"{prefix}ssim": sum(self.ssim) / len(self.ssim),
+            f"{prefix}brr": self.brr,
+        }
+        if self.lpips is not None:
+            out[f"{prefix}lpips"] = sum(self.lpips) / len(self.lpips)
+        return out
+
+
+@dataclass
+class Reconstruction:
+    """What the attacker returns: the chosen images and how it got there (no target inside)."""
+
+    images: torch.Tensor                      # (B, 3, H, W) in [0, 1], chosen restart
+    matching_loss: float                      # final gradient-matching loss of the chosen restart
+    restart_images: list[torch.Tensor]        # every restart's final images
+    restart_losses: list[float]               # every restart's final matching loss
+    chosen: int                               # index of the chosen restart (lowest matching loss)
+    init: torch.Tensor                        # the start of the chosen restart
+    labels: torch.Tensor | None = None        # labels used or recovered
+    history: list[dict] = field(default_factory=list)  # step metrics of the chosen restart
+    diverged: str | None = None               # reason, when NaN/inf stopped the optimization
+
+
+@dataclass
+class RunResult:
+    """One finished setting: reconstruction, optional control, scores and written artifacts."""
+
+    config: object                            # suite.config.RunConfig
+    target: object                            # suite.data.Batch
+    reconstruction: Reconstruction
+    scores: Scores
+    control: Reconstruction | None = None
+    control_scores: Scores | None = None
+    restart_scores: list[Scores] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)

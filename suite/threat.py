@@ -1,0 +1,77 @@
+"""The threat model: what the victim client does and what leaves the device.
+
+Every grant to the attacker is a named field here, logged as an MLflow param. The SoK
+(Du et al.) ranks adversary assumptions 0-5; ``assumption_level`` reports the highest level a
+setting relies on, with the attack's own priors taken into account by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# SoK Tab. 7 assumption levels
+ASSUMPTION_LEVELS = {
+    0: "basic information (model, update, batch size)",
+    1: "priors (image smoothness)",
+    2: "data distribution (BN running statistics / data-calibrated model)",
+    3: "client-side training details (local learning rate, steps, mini-batch size)",
+    4: "BN statistics of the client's batch",
+    5: "malicious behaviour",
+}
+
+DEFENSES = ("none", "qsgd", "sign", "topk", "clip", "noise")
+
+
+class ThreatModel(BaseModel):
+    """Victim-client behaviour and side information granted to the server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bn_mode: Literal["train", "eval"] = "train"
+    update: Literal["gradient", "fedavg"] = "gradient"
+    local_steps: int = Field(1, ge=1)
+    local_lr: float = Field(0.01, gt=0)
+    local_batch_size: int | None = Field(None, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    attacker_knows_training: bool = True
+    shares_labels: bool = True
+    bn_stats: Literal["none", "running", "exact"] = "none"
+    bn_momentum: float = Field(0.1, gt=0, le=1)
+    defense: str = "none"
+
+    @field_validator("defense")
+    @classmethod
+    def _check_defense(cls, v: str) -> str:
+        kind = v.split(":", 1)[0]
+        if kind not in DEFENSES:
+            from suite.errors import close_matches
+
+            near = close_matches(kind, DEFENSES)
+            raise ValueError(
+                f"unknown defense '{v}'"
+                + (f"; did you mean {near}?" if near else "")
+                + " (qsgd:<bits>, sign, topk:<keep fraction>, clip:<bound>, noise:<sigma>, none)"
+            )
+        return v
+
+    def assumption_level(self, uses_bn_prior: bool = False, uses_tv: bool = False) -> int:
+        """Highest SoK assumption level this setting relies on (eval-mode BN is flagged apart)."""
+        level = 0
+        if uses_tv:
+            level = max(level, 1)
+        if uses_bn_prior and self.bn_stats == "none":
+            level = max(level, 2)
+        # Labels are logged as their own grant (``shares_labels``): the SoK does not rank them,
+        # since single-sample labels can be inferred from the gradient (iDLG).
+        if self.update == "fedavg" and self.attacker_knows_training and self.local_steps > 1:
+            level = max(level, 3)
+        if self.bn_stats != "none":
+            level = max(level, 4)
+        return level
+
+    @property
+    def upper_bound(self) -> bool:
+        """True when the client is simplified beyond a realistic training step."""
+        return self.bn_mode == "eval" or self.bn_stats == "exact"

@@ -1,0 +1,69 @@
+"""Architecture variants: one registry, ``build(name, **options) -> Variant``.
+
+Named families live one per module (``resnet``, ``convnet``, ``lenet``, ``modern``, ``yolo``);
+``timm:<name>`` and ``torchvision:<name>`` build anything else through those libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import suite  # noqa: F401  (offline defaults before torch-adjacent imports)
+from variants.base import Variant, VariantEntry, entries, lookup, register  # noqa: F401
+
+_FAMILIES = ("resnet", "convnet", "lenet", "modern", "yolo")
+_loaded = False
+
+
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for fam in _FAMILIES:
+        importlib.import_module(f"variants.{fam}")
+
+
+def build(
+    name: str,
+    *,
+    weights: str = "random",
+    seed: int = 0,
+    trust_checkpoint: bool = False,
+    **options,
+) -> Variant:
+    """Build a variant by name with its options and weights.
+
+    weights: ``random`` (seeded), ``calibrated`` (random, BN statistics to be estimated on the
+    run's data with ``variants.weights.calibrate_bn``), ``pretrained`` (from the libraries' local
+    caches; a clear error offline on a miss), or ``file:<path>`` (``weights_only=True`` unless
+    ``trust_checkpoint``).
+    """
+    import torch
+
+    from variants import weights as W
+
+    W.check_weights_spec(weights)
+    torch.manual_seed(seed)
+    if name.startswith(("timm:", "torchvision:")):
+        from variants.external import build_external
+
+        variant = build_external(name, pretrained=(weights == "pretrained"), **options)
+    else:
+        entry = lookup(name)
+        from variants.base import check_options
+
+        check_options(name, entry.builder, options)
+        merged = {**entry.defaults, **options}
+        variant = entry.builder(name=name, **merged)
+        if weights == "pretrained":
+            W.load_pretrained(variant)
+    if weights.startswith("file:"):
+        W.load_file(variant, weights[len("file:"):], trust_checkpoint=trust_checkpoint)
+    variant.weights = weights
+    return variant
+
+
+def names() -> list[str]:
+    """Registered variant names in registry order."""
+    return list(entries())

@@ -1,0 +1,139 @@
+"""The Variant record and the one registry every architecture family registers into.
+
+``build(name, **options)`` feels like timm's ``create_model``: the family builder receives the
+options it declares; unknown options are an error naming the valid ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from suite.errors import GistressError, close_matches
+
+Task = Literal["classification", "detection"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+class Normalized(nn.Module):
+    """Wraps a network so that it takes images in [0, 1] and normalizes inside."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+@dataclass
+class Variant:
+    """A built architecture: the module (taking [0, 1] images) and what the suite needs to know.
+
+    ``model`` normalizes internally; ``normalization`` is (mean, std) so that callers working in
+    normalized space (noisy-target init) can convert. For detection variants ``model`` is the
+    ultralytics ``DetectionModel`` itself (it takes [0, 1] input, identity normalization).
+    """
+
+    name: str
+    model: nn.Module
+    task: Task
+    input_size: int
+    normalization: tuple[tuple[float, ...], tuple[float, ...]]
+    num_classes: int
+    options: dict = field(default_factory=dict)
+    weights: str = "random"
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def to_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> the network's normalized input space."""
+        mean = torch.tensor(self.normalization[0], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.normalization[1], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def from_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalized input space -> [0, 1] pixels (not clamped)."""
+        mean = torch.tensor(self.normalization[0], device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.normalization[1], device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        return z * std + mean
+
+
+@dataclass(frozen=True)
+class VariantEntry:
+    """A registry row: how to build a named variant and what to list about it."""
+
+    name: str
+    task: Task
+    input_size: int
+    builder: Callable[..., Variant]
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+
+    def option_names(self) -> list[str]:
+        sig = inspect.signature(self.builder)
+        return [p for p in sig.parameters if p != "name"]
+
+
+_REGISTRY: dict[str, VariantEntry] = {}
+
+
+def register(name: str, task: Task, input_size: int, description: str = "", **defaults):
+    """Decorator: register ``builder(name=..., **options) -> Variant`` under ``name``."""
+
+    def deco(builder):
+        _REGISTRY[name] = VariantEntry(name, task, input_size, builder, description, dict(defaults))
+        return builder
+
+    return deco
+
+
+def entries() -> dict[str, VariantEntry]:
+    """All registered variants, by name (families are imported on first use)."""
+    from variants import _load_families
+
+    _load_families()
+    return dict(_REGISTRY)
+
+
+def lookup(name: str) -> VariantEntry:
+    """The registry entry for ``name``; a clear error with close matches if unknown."""
+    table = entries()
+    if name in table:
+        return table[name]
+    near = close_matches(name, table)
+    hint = f"did you mean {near}?" if near else "run `gistress variants` for the list"
+    raise GistressError(
+        f"unknown variant '{name}'",
+        f"{hint} (any timm model as timm:<name>, any torchvision model as torchvision:<name>)",
+    )
+
+
+def check_options(entry_name: str, builder, options: dict) -> None:
+    """Reject options the builder does not declare, naming the valid ones."""
+    sig = inspect.signature(builder)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    valid = [p for p in sig.parameters if p != "name"]
+    for key in options:
+        if key not in valid:
+            near = close_matches(key, valid)
+            extra = f"did you mean '{near}'? " if near else ""
+            raise GistressError(
+                f"unknown option '{key}' for variant '{entry_name}'",
+                f"{extra}valid options: {', '.join(valid)}",
+            )
