@@ -4,3 +4,5 @@
 """
 
 from suite.data.batch import Batch  # noqa: F401
+from suite.data.load import list_ids, load  # noqa: F401
+from suite.data.samples import DETECTION_SAMPLES, SAMPLE_NAMES  # noqa: F401
