@@ -1,0 +1,293 @@
+"""YOLOv8-nano family (stock, BasicBlock, pre-activation) as ultralytics DetectionModels.
+
+Each variant is parsed by ultralytics' own ``parse_model`` from a YAML file in ``variants/yaml/``, so
+the modules, the Detect head and ``v8DetectionLoss`` are the real ultralytics ones and a user's own
+ultralytics ``yolov8n`` checkpoint loads into the stock variant (``load_checkpoint``).
+
+How the custom blocks get through ``parse_model`` (ultralytics 8.4): module names resolve through
+``globals()`` of ``ultralytics.nn.tasks``, so the classes are registered there by name. Channel
+scaling and repeat handling, however, are decided by ``m in base_modules`` / ``m in repeat_modules``
+(frozensets of classes, i.e. hash + ``==``), so a plain C2f subclass would fall through to the
+"c2 = c1" branch. ``_ParsesAsC2f`` makes the classes hash like C2f and compare equal to C2f only
+when the comparison is made by ``parse_model`` itself; everywhere else they are ordinary classes.
+"""
+
+from __future__ import annotations  # noqa: I001  (suite must be imported before ultralytics)
+
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import suite  # noqa: F401  (YOLO_OFFLINE before ultralytics is imported)
+from suite.errors import GistressError
+from variants.base import IDENTITY_NORM, Variant, register
+
+from ultralytics.nn import tasks as _tasks
+from ultralytics.nn.modules.block import C2f
+from ultralytics.nn.modules.conv import Conv
+
+YAML_DIR = Path(__file__).resolve().parent / "yaml"
+LOSS_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
+
+
+class _ParsesAsC2f(type):
+    """Metaclass: the class is treated as C2f by ultralytics' parse_model, and only there."""
+
+    def __eq__(cls, other):
+        if other is C2f:
+            caller = sys._getframe(1)
+            # set/frozenset membership compares from C, so the calling Python frame is parse_model
+            return caller.f_code.co_name == "parse_model" and caller.f_globals.get("__name__") == _tasks.__name__
+        return cls is other
+
+    def __hash__(cls):
+        # same bucket as C2f so that `m in base_modules` reaches __eq__ at all
+        return hash(C2f)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-BN-act, conv3x3-BN, identity added, activation after the add.
+
+    Submodules carry torchvision's ResNet names (conv1, bn1, conv2, bn2), so its state_dict keys differ
+    from ultralytics' Bottleneck (cv1.conv, cv1.bn, ...): a checkpoint of one never loads into the other.
+    """
+
+    def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c1, c2, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c2)
+        self.conv2 = nn.Conv2d(c2, c2, 3, 1, 1, groups=g, bias=False)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.act = Conv.default_act  # the network's activation (SiLU unless the YAML sets one)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual branch plus identity, then the activation (as in ResNet)."""
+        y = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.act(x + y if self.add else y)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block: BN-act-conv3x3, BN-act-conv3x3, identity added (no act after).
+
+    Its BN layers are named norm1/norm2 so that its state_dict keys differ from BasicBlock's (the
+    shapes are the same), and a checkpoint of one variant is rejected by the other.
+    """
+
+    def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(c1)
+        self.conv1 = nn.Conv2d(c1, c2, 3, 1, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(c2)
+        self.conv2 = nn.Conv2d(c2, c2, 3, 1, 1, groups=g, bias=False)
+        self.act = Conv.default_act
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activated residual branch plus identity."""
+        y = self.conv1(self.act(self.norm1(x)))
+        y = self.conv2(self.act(self.norm2(y)))
+        return x + y if self.add else y
+
+
+class _C2fWithBlocks(C2f, metaclass=_ParsesAsC2f):
+    """C2f whose n inner blocks are ``block`` instead of ultralytics' Bottleneck (same channels)."""
+
+    block: type[nn.Module] = BasicBlock
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
+        # not super().__init__(): that would build (and draw random init for) Bottlenecks to throw away
+        nn.Module.__init__(self)
+        self.c = int(c2 * e)
+        self.cv1 = Conv(c1, 2 * self.c, 1, 1)
+        self.cv2 = Conv((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(self.block(self.c, self.c, shortcut, g) for _ in range(n))
+
+
+class C2fBasicBlock(_C2fWithBlocks):
+    """C2f with ResNet BasicBlocks (forward is C2f's: split, chain the blocks, concat, 1x1 conv)."""
+
+    block = BasicBlock
+
+
+class C2fPreActBlock(_C2fWithBlocks):
+    """C2f with pre-activation residual blocks."""
+
+    block = PreActBlock
+
+
+CUSTOM_MODULES = (C2fBasicBlock, C2fPreActBlock)
+for _cls in CUSTOM_MODULES:
+    # parse_model resolves YAML module names with globals()[name] in ultralytics.nn.tasks
+    if getattr(_tasks, _cls.__name__, _cls) is not _cls:
+        raise ImportError(f"ultralytics.nn.tasks already defines {_cls.__name__}; rename the gistress block")
+    setattr(_tasks, _cls.__name__, _cls)
+
+
+def detection_args():
+    """A full ultralytics cfg namespace (what ``v8DetectionLoss`` reads as ``model.args``)."""
+    from ultralytics.cfg import get_cfg
+
+    return get_cfg(overrides=dict(LOSS_GAINS))
+
+
+def build_detection_model(yaml_name: str, nc: int = 80):
+    """Parse ``variants/yaml/<yaml_name>.yaml`` with ultralytics into a ``DetectionModel``."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise GistressError(f"nc must be a positive integer, got {nc!r}", "pass nc=<number of classes>, e.g. nc=80")
+    path = YAML_DIR / f"{yaml_name}.yaml"
+    if not path.is_file():
+        raise GistressError(f"no YOLO architecture file {path}", f"add variants/yaml/{yaml_name}.yaml")
+    cfg = yaml_model_load(path)
+    model = DetectionModel(cfg, ch=3, nc=nc, verbose=False)
+    model.args = detection_args()
+    return model
+
+
+def _variant(name: str, yaml_name: str, nc: int) -> Variant:
+    model = build_detection_model(yaml_name, nc)
+    return Variant(
+        name=name,
+        model=model,
+        task="detection",
+        input_size=640,
+        normalization=IDENTITY_NORM,  # DetectionModel takes [0, 1] images
+        num_classes=nc,
+        options={"nc": nc, "pretrained_source": None},
+    )
+
+
+@register("yolov8n", "detection", 640, "YOLOv8-nano (ultralytics layout, 3.16M params at nc=80)")
+def yolov8n(name: str = "yolov8n", nc: int = 80) -> Variant:
+    """Stock YOLOv8-nano; accepts a user's own ultralytics yolov8n checkpoint."""
+    return _variant(name, "yolov8n", nc)
+
+
+@register(
+    "yolov8n-basicblock",
+    "detection",
+    640,
+    "YOLOv8-nano with ResNet BasicBlocks in every C2f (conv-BN-act-conv-BN + identity, act after add)",
+)
+def yolov8n_basicblock(name: str = "yolov8n-basicblock", nc: int = 80) -> Variant:
+    """YOLOv8-nano whose C2f Bottlenecks are ResNet BasicBlocks."""
+    return _variant(name, "yolov8n-basicblock", nc)
+
+
+@register(
+    "yolov8n-preact",
+    "detection",
+    640,
+    "YOLOv8-nano with pre-activation blocks in every C2f (BN-act-conv-BN-act-conv + identity)",
+)
+def yolov8n_preact(name: str = "yolov8n-preact", nc: int = 80) -> Variant:
+    """YOLOv8-nano whose C2f Bottlenecks are pre-activation residual blocks."""
+    return _variant(name, "yolov8n-preact", nc)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _detect_nc(state: dict, model: nn.Module) -> int | None:
+    """Number of classes stored in a DetectionModel state_dict (the last cls-head conv's rows)."""
+    key = f"model.{len(model.model) - 1}.cv3.0.2.weight"
+    return int(state[key].shape[0]) if key in state and hasattr(state[key], "shape") else None
+
+
+def _state_from_object(obj, path: Path) -> dict:
+    """The float state_dict held by a loaded checkpoint object."""
+    if isinstance(obj, nn.Module):
+        return obj.float().state_dict()
+    if isinstance(obj, dict):
+        # ultralytics saves {"model": ..., "ema": ...}; like ultralytics, prefer the EMA weights
+        module = obj.get("ema") if obj.get("ema") is not None else obj.get("model")
+        if isinstance(module, nn.Module):
+            return module.float().state_dict()
+        if isinstance(module, dict):
+            return module
+        if obj and all(torch.is_tensor(v) for v in obj.values()):
+            return obj  # a plain state_dict
+    raise GistressError(
+        f"{path} holds neither a state_dict nor an ultralytics checkpoint (a dict with 'model' or 'ema')",
+        "save weights with torch.save(model.state_dict(), path) or use a checkpoint written by ultralytics",
+    )
+
+
+def _unreadable(path: Path, err: Exception) -> GistressError:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return GistressError(f"{path} is not a readable torch checkpoint ({detail[:120]})",
+                         "pass a file written by torch.save (a state_dict or an ultralytics .pt)")
+
+
+def _needs_trust(path: Path, err: Exception) -> GistressError:
+    hint = "pass --trust-checkpoint (only for files you trust), or save model.state_dict() instead"
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: nothing to inspect
+        unsafe = []
+    if unsafe:
+        return GistressError(
+            f"{path} is a pickled checkpoint holding Python objects ({', '.join(unsafe[:2])}, ...); "
+            "loading it can run arbitrary code", hint)
+    detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+    return GistressError(f"{path} cannot be loaded with weights_only=True ({detail})", hint)
+
+
+def _torch_load(path: Path, trust_checkpoint: bool):
+    """``weights_only=True`` first; full unpickling only when the file needs it and the user trusts it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_checkpoint:
+            raise _needs_trust(path, err) from err
+    except Exception as err:  # torch raises KeyError/RuntimeError/EOFError on files it cannot parse
+        raise _unreadable(path, err) from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise _unreadable(path, err) from err
+
+
+def load_checkpoint(variant: Variant, path: str | Path, trust_checkpoint: bool = False) -> Variant:
+    """Load weights from ``path`` into a YOLO variant's DetectionModel (in place) and return the variant.
+
+    A plain state_dict loads with ``weights_only=True``. An ultralytics checkpoint (a pickled dict whose
+    "model"/"ema" is a DetectionModel) needs full unpickling, which can run arbitrary code, so it is
+    loaded only with ``trust_checkpoint=True``. Class-count and architecture mismatches are errors.
+    """
+    if variant.task != "detection" or not hasattr(variant.model, "init_criterion"):
+        raise GistressError(f"'{variant.name}' is not a YOLO detection variant",
+                            "load ultralytics checkpoints into yolov8n (or its basicblock/preact variants)")
+    path = Path(path)
+    if not path.is_file():
+        raise GistressError(f"checkpoint {path} does not exist", "check the path in weights=file:<path>")
+    obj = _torch_load(path, trust_checkpoint)
+    state = _state_from_object(obj, path)
+    model = variant.model
+    own = model.state_dict()
+    theirs_nc, own_nc = _detect_nc(state, model), _detect_nc(own, model)
+    if theirs_nc is not None and own_nc is not None and theirs_nc != own_nc:
+        raise GistressError(
+            f"checkpoint has {theirs_nc} classes, variant has {own_nc} (pass nc={theirs_nc})",
+            f"build '{variant.name}' with nc={theirs_nc}",
+        )
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})")
+        raise GistressError(
+            f"checkpoint {path.name} does not match the '{variant.name}' architecture ({'; '.join(parts)})",
+            "load it into the variant it was trained as (yolov8n, yolov8n-basicblock or yolov8n-preact)",
+        )
+    model.load_state_dict(state, strict=True)
+    variant.weights = f"file:{path}"
+    return variant
