@@ -22,3 +22,11 @@ def close_matches(word: str, options, n: int = 3) -> str:
     import difflib
 
     return ", ".join(difflib.get_close_matches(word, list(options), n=n, cutoff=0.5))
+
+
+class DivergenceError(GistressError):
+    """NaN/inf appeared in the matching loss or the image; ``step`` says where."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message, "lower the learning rate or the prior weights, or use another init")
+        self.step = step

@@ -38,7 +38,8 @@ class ThreatModel(BaseModel):
     attacker_knows_training: bool = True
     shares_labels: bool = True
     bn_stats: Literal["none", "running", "exact"] = "none"
-    bn_momentum: float = Field(0.1, gt=0, le=1)
+    # None: the model's own BN momentum (the server sent the model, so it knows it)
+    bn_momentum: float | None = Field(None, gt=0, le=1)
     defense: str = "none"
 
     @field_validator("defense")

@@ -1,0 +1,1 @@
+"""Benchmark: cost of an attack iteration relative to a plain training step, per variant."""

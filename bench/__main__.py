@@ -1,0 +1,201 @@
+"""``python -m bench`` (or ``gistress bench``): per variant at its standard size and batch 1,
+seconds per training step, seconds per attack iteration, their ratio, peak memory, and the cost
+of 4 restarts relative to 1. Each variant runs in its own subprocess so peak memory is its own.
+Writes JSON and a markdown table (docs/benchmarks.md by default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_VARIANTS = [
+    "lenet", "convnet", "resnet18", "preact_resnet18", "resnet18@imagenet", "vit_b_16", "swin_t",
+    "convnext_t", "maxvit_t", "yolov8n", "yolov8n-basicblock", "yolov8n-preact",
+]
+
+
+def _spec(entry: str) -> tuple[str, dict, int | None]:
+    """``name[@imagenet|@cifar]`` -> (variant, options, size)."""
+    name, _, stem = entry.partition("@")
+    opts = {}
+    if stem:
+        opts["stem"] = stem
+    elif name.startswith(("resnet", "preact_resnet")):
+        opts["stem"] = "cifar"
+    size = 320 if name.startswith("yolo") else None
+    return name, opts, size
+
+
+def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
+    """Timings and peak memory for one variant (run inside its own process)."""
+    import resource
+
+    import torch
+
+    import variants
+    from suite.attacker import Attacker, math_attention
+    from suite.client import Client, task_loss_for, trainable
+    from suite.config import AttackSpec
+    from suite.data.batch import Batch
+    from suite.tasks import set_mode
+    from suite.threat import ThreatModel
+
+    name, opts, size = _spec(entry)
+    dev = torch.device(device)
+    v = variants.build(name, seed=0, **opts)
+    size = size or v.input_size
+    v.model.to(dev)
+    x = torch.rand(1, 3, size, size, device=dev)
+    if v.task == "detection":
+        boxes = [torch.tensor([[size * 0.2, size * 0.2, size * 0.7, size * 0.8]], device=dev)]
+        batch = Batch(images=x, boxes=boxes, classes=[torch.tensor([0], device=dev)])
+    else:
+        batch = Batch(images=x, labels=torch.tensor([1], device=dev))
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    # training step: forward + loss + backward to the parameters
+    model = v.model
+    set_mode(model, v.task, "train")
+    loss_fn = task_loss_for(model, v.task, batch)
+    _, params = trainable(model)
+    train_times = []
+    with math_attention():
+        for i in range(reps + 2):
+            sync()
+            t = time.perf_counter()
+            loss = loss_fn(model(x))
+            grads = torch.autograd.grad(loss, params)
+            sync()
+            if i >= 2:  # warm-up excluded
+                train_times.append(time.perf_counter() - t)
+            del grads, loss
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    obs = Client(v.model, v.task, ThreatModel(bn_mode="train")).share(batch)
+
+    def attack(restarts: int, n: int) -> tuple[float, list[float]]:
+        stamps: list[float] = []
+
+        def cb(step, record, img):
+            sync()
+            stamps.append(time.perf_counter())
+
+        spec = AttackSpec(preset="ig", iterations=n, restarts=restarts, log_every=1)
+        att = Attacker(v, obs, spec, device=dev, seed=0)
+        sync()
+        t = time.perf_counter()
+        att.reconstruct(callback=cb)
+        sync()
+        diffs = [b - a for a, b in zip(stamps, stamps[1:])]
+        return time.perf_counter() - t, diffs
+
+    attack(1, 2)  # warm-up
+    total1, diffs = attack(1, iters)
+    per_iter = statistics.median(diffs)
+    total4, _ = attack(4, iters)
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    train = statistics.median(train_times)
+    return {
+        "variant": entry, "task": v.task, "size": size, "params_m": round(v.num_params / 1e6, 2),
+        "device": device, "train_step_s": train, "attack_iter_s": per_iter,
+        "ratio": per_iter / train, "restarts4_over_1": total4 / total1,
+        "peak_rss_mib": round(peak_rss), "peak_cuda_mib": None if peak_cuda is None else round(peak_cuda),
+    }
+
+
+def machine() -> dict:
+    """The machine the numbers were taken on."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    """The table for docs/benchmarks.md."""
+    lines = [
+        "# Benchmarks", "",
+        "Generated by `python -m bench` (one process per variant, batch 1, standard size; warm-up",
+        "excluded; medians). `ratio` = attack iteration / training step; target ≤ 3.0.", "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+        "| variant | device | size | params (M) | train step (s) | attack iter (s) | ratio | 4 restarts / 1 | peak RSS (MiB) | peak CUDA (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['device']} | – | – | – | – | – | – | – | error: {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['variant']} | {r['device']} | {r['size']} | {r['params_m']} | {r['train_step_s']:.4f} | "
+            f"{r['attack_iter_s']:.4f} | {r['ratio']:.2f} | {r['restarts4_over_1']:.2f} | {r['peak_rss_mib']} | "
+            f"{r['peak_cuda_mib'] if r['peak_cuda_mib'] is not None else '–'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (each variant in a subprocess) and write JSON + markdown."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    p.add_argument("--devices", default=None, help="comma list; default cpu (+cuda when available)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--json-out", default="docs/benchmarks.json")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.device, args.reps, args.iters)))
+        return 0
+    import torch
+
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for dev in devices:
+        for entry in [v for v in args.variants.split(",") if v]:
+            cmd = [sys.executable, "-m", "bench", "--one", entry, "--device", dev,
+                   "--reps", str(args.reps), "--iters", str(args.iters)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if proc.returncode != 0:
+                err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+                rows.append({"variant": entry, "device": dev, "error": err[:200]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{entry:<22}{dev:<6}" + (f"ratio {r['ratio']:.2f}  attack {r['attack_iter_s']:.4f}s  "
+                                               f"4x restarts {r['restarts4_over_1']:.2f}" if "ratio" in r else r["error"]),
+                  flush=True)
+    info = machine()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(markdown(rows, info))
+    Path(args.json_out).write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    print(f"wrote {args.out} and {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The ``gistress`` command: one subcommand per module in ``suite.commands``.
+
+Every user-facing error is a GistressError printed as one line with a non-zero exit; a
+traceback appears only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import suite  # noqa: F401  (offline defaults first)
+
+COMMANDS = ("doctor", "variants", "attack", "study", "audit", "ui")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(prog="gistress", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"gistress {suite.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"suite.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"suite.commands.{name}":
+                continue
+            raise
+        p = module.add_parser(sub)
+        # --debug is accepted before or after the subcommand
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    from suite.errors import GistressError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except GistressError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

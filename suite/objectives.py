@@ -1,0 +1,107 @@
+"""Gradient-matching distances and image priors used by the attacker.
+
+The target update is flattened once (``UpdateMatcher``) so that each attack step only touches
+the candidate side: per-step concatenation and norm of the constant target are wasted work.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+
+def layer_weight_vector(names: list[str], patterns: dict[str, float]) -> list[float]:
+    """Per-parameter weights from fnmatch patterns (first match wins; default 1)."""
+    out = []
+    for n in names:
+        w = 1.0
+        for pat, val in patterns.items():
+            if fnmatch.fnmatch(n, pat):
+                w = float(val)
+                break
+        out.append(w)
+    return out
+
+
+class UpdateMatcher:
+    """Distance between a candidate update and the observed one.
+
+    objective ``cosine``: 1 - <g, t> / (|g| |t|) over the concatenated (weighted) update
+    (Geiping et al. 2020); ``l2``: sum of squared differences (Zhu et al. 2019).
+    """
+
+    def __init__(self, target: list[torch.Tensor], names: list[str], objective: str,
+                 layer_weights: dict[str, float] | None = None):
+        if objective not in ("cosine", "l2"):
+            from suite.errors import GistressError
+
+            raise GistressError(f"unknown objective '{objective}'", "use cosine or l2")
+        self.objective = objective
+        self.weights = layer_weight_vector(names, layer_weights or {})
+        self.active = [i for i, w in enumerate(self.weights) if w != 0.0]
+        self.target = [target[i].detach() for i in self.active]
+        # constants computed once per attack
+        self.target_sq = sum((self.weights[i] * t.pow(2).sum()) for i, t in zip(self.active, self.target))
+        self.target_norm = self.target_sq.sqrt()
+
+    def __call__(self, candidate: list[torch.Tensor]) -> torch.Tensor:
+        cand = [candidate[i] for i in self.active]
+        if self.objective == "l2":
+            return sum(self.weights[i] * (c - t).pow(2).sum() for i, c, t in zip(self.active, cand, self.target))
+        dot = sum(self.weights[i] * (c * t).sum() for i, c, t in zip(self.active, cand, self.target))
+        csq = sum(self.weights[i] * c.pow(2).sum() for i, c in zip(self.active, cand))
+        return 1.0 - dot / (csq.sqrt() * self.target_norm + 1e-12)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation: mean absolute difference of neighbouring pixels."""
+    dx = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
+    dy = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean()
+    return dx + dy
+
+
+class BNStatHooks:
+    """Captures the batch mean/variance at every BatchNorm input during a forward pass.
+
+    ``stats`` is in module-registration order (the order of ``model.modules()``), whatever order
+    the layers execute in (YOLO's C2f registers its output conv before its bottlenecks).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            dims = [0] + list(range(2, x.dim()))
+            self._captured[index] = (x.mean(dims), x.var(dims, unbiased=False))
+
+        return hook
+
+    @property
+    def stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self._captured[i] for i in range(len(self.layers)) if i in self._captured]
+
+    def clear(self) -> None:
+        self._captured = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def bn_prior(stats: list[tuple[torch.Tensor, torch.Tensor]],
+             reference: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Sum over BN layers of the L2 distances of candidate and reference means and variances
+    (the first paper's authors' BN-statistics prior)."""
+    total = None
+    for (m, v), (rm, rv) in zip(stats, reference):
+        term = (m - rm).norm(2) + (v - rv).norm(2)
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total

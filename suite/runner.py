@@ -1,0 +1,215 @@
+"""Runs one resolved setting end to end: build -> data -> client -> attacker -> scores -> files.
+
+It never touches MLflow (tracking wraps it) and never hands the target to the attacker: the
+target is used only to build oracle inits (tagged) and to score afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from suite.config import RunConfig
+from suite.errors import GistressError
+from suite.results import RunResult
+
+StepHook = Callable[[int, dict[str, float]], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; an explicit CUDA request without one fails."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GistressError(f"device {device} requested but CUDA is not available", "use --device cpu")
+    return torch.device(device)
+
+
+def _has_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def calibration_images(cfg: RunConfig, task: str, size: int, targets) -> tuple[torch.Tensor, str]:
+    """Images to estimate BN statistics on: other images of the same source when there are any
+    (so the target's own statistics do not leak into the model), else the targets themselves."""
+    from suite import data
+
+    others = [i for i in data.list_ids(cfg.data, task=task) if i not in set(targets.ids)][:8]
+    if others:
+        pool = data.load(cfg.data, task=task, size=size, images=others)
+        return pool.images, "other images of the source: " + ",".join(others)
+    return targets.images, "the target images (no other images in the source)"
+
+
+def build_and_load(cfg: RunConfig):
+    """The variant (weights resolved, calibrated when asked) and the target batch."""
+    import variants
+    from suite import data
+
+    variant = variants.build(cfg.variant, weights=cfg.weights, seed=cfg.seed,
+                             trust_checkpoint=cfg.trust_checkpoint, **cfg.variant_options)
+    size = cfg.size or variant.input_size
+    batch = data.load(cfg.data, task=variant.task, size=size, images=cfg.images,
+                      num_classes=variant.num_classes, seed=cfg.seed)
+    calibrated_on = None
+    if cfg.weights == "calibrated":
+        from variants.weights import calibrate_bn
+
+        pool, calibrated_on = calibration_images(cfg, variant.task, size, batch)
+        calibrate_bn(variant, pool, batches=cfg.calibration_batches, seed=cfg.seed)
+    if cfg.threat.bn_mode == "eval" and cfg.weights == "random" and _has_bn(variant.model):
+        raise GistressError(
+            "bn_mode=eval on random weights: BN running statistics are 0/1, so gradients barely "
+            "depend on the input and the attack would be meaningless",
+            "use --weights calibrated (BN statistics estimated on data), pretrained or file:<path>",
+        )
+    return variant, batch, calibrated_on
+
+
+def make_inits(cfg: RunConfig, variant, batch) -> list[torch.Tensor] | None:
+    """Explicit inits for oracle (noisy_target) and file starts; None for seeded random."""
+    a = cfg.attack
+    if a.init == "noisy_target":
+        from suite.inits import noisy_target
+
+        gen = torch.Generator().manual_seed(cfg.seed + 17)
+        return [noisy_target(batch.images, variant.normalization, p=a.noise_p, sigma=a.noise_sigma,
+                             generator=gen) for _ in range(a.restarts)]
+    if a.init == "file":
+        from suite.inits import from_file
+
+        return [from_file(a.init_file, len(batch), batch.size)] * a.restarts
+    return None
+
+
+def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
+                on_step: StepHook | None = None) -> RunResult:
+    """Run one setting and write its artifacts into ``out_dir``; returns the RunResult."""
+    from suite.attacker import Attacker
+    from suite.client import Client
+    from suite.metrics import psnr_per_sample, score, wsrr
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    variant, batch, calibrated_on = build_and_load(cfg)
+    variant.model.to(device)
+    target = batch.to(device)
+
+    client = Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes, seed=cfg.seed)
+    obs = client.share(target)
+    attacker = Attacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
+    inits = make_inits(cfg, variant, batch)
+
+    bar = _progress(cfg, progress)
+
+    def callback(step, record, x):
+        values = psnr_per_sample(batch.images, x.cpu())
+        extra = {"psnr": sum(values) / len(values)}
+        if on_step is not None:
+            on_step(step, {**record, **extra})
+        if bar is not None:
+            bar.update(step + 1 - bar.n)
+            bar.set_postfix(loss=f"{record['matching_loss']:.4f}", psnr=f"{extra['psnr']:.1f}")
+        return extra
+
+    recon = attacker.reconstruct(inits, callback=callback)
+    if bar is not None:
+        bar.close()
+    thr = dict(leak_psnr=cfg.leak_psnr, leak_lpips=cfg.leak_lpips)
+    scores = score(batch.images, recon.images, content=batch.content, **thr)
+    restart_scores = [score(batch.images, im, content=batch.content, **thr) for im in recon.restart_images]
+
+    control = control_scores = None
+    if cfg.attack.control or cfg.attack.init == "noisy_target":
+        control = attacker.reconstruct([recon.init] if inits is None else inits, control=True)
+        control_scores = score(batch.images, control.images, content=batch.content, **thr)
+        control.matching_loss = attacker.matching_loss(control.images.to(device))
+
+    metrics = dict(scores.summary())
+    metrics["wsrr"] = wsrr(restart_scores)
+    metrics["matching_loss"] = recon.matching_loss
+    metrics["oracle_best_restart_psnr"] = max(s.summary()["psnr"] for s in restart_scores)
+    init_scores = score(batch.images, recon.init, content=batch.content, use_lpips=False, **thr)
+    metrics["init_psnr"] = init_scores.summary()["psnr"]
+    if control_scores is not None:
+        metrics.update(control_scores.summary(prefix="control_"))
+        metrics["control_matching_loss"] = control.matching_loss
+        metrics["gain_psnr"] = metrics["psnr"] - metrics["control_psnr"]
+        metrics["gain_ssim"] = metrics["ssim"] - metrics["control_ssim"]
+        if "lpips" in metrics and "control_lpips" in metrics:
+            metrics["gain_lpips"] = metrics["control_lpips"] - metrics["lpips"]  # lower LPIPS is better
+    if attacker.inferred_labels is not None:
+        from suite.labels import label_accuracy
+
+        metrics["label_accuracy"] = label_accuracy(attacker.inferred_labels.cpu(), batch.labels.cpu())
+    metrics["seconds"] = time.perf_counter() - t0
+
+    uses_bn_prior = bool(cfg.attack.bn_prior) and _has_bn(variant.model)
+    tags = {
+        "assumption_level": str(cfg.threat.assumption_level(uses_bn_prior=uses_bn_prior,
+                                                            uses_tv=bool(cfg.attack.tv))),
+        "upper_bound": str(cfg.threat.upper_bound),
+        "oracle_init": str(cfg.attack.oracle_init),
+        "device": str(device),
+        "task": variant.task,
+        "grants": json.dumps(obs.grants, sort_keys=True),
+        "lpips": "available" if scores.lpips is not None else f"missing: {scores.lpips_missing}",
+        "leak_rule": scores.leak_rule,
+    }
+    if calibrated_on:
+        tags["calibrated_on"] = calibrated_on
+    if attacker.inferred_labels is not None:
+        tags["inferred_labels"] = ",".join(str(int(v)) for v in attacker.inferred_labels.cpu())
+
+    result = RunResult(config=cfg, target=batch, reconstruction=recon, scores=scores, control=control,
+                       control_scores=control_scores, restart_scores=restart_scores, metrics=metrics, tags=tags)
+    result.artifacts = write_artifacts(result, out_dir)
+    return result
+
+
+def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
+    """target / init / reconstruction / control PNGs, the side-by-side grid, config and tensor."""
+    from suite.images import save_png, side_by_side
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch, recon = result.target, result.reconstruction
+    boxes = batch.boxes
+    # reorder reconstructions to their matched targets so each column pairs up
+    matched = recon.images[result.scores.order]
+    arts = {
+        "target": save_png(batch.images, out_dir / "target.png", boxes=boxes),
+        "init": save_png(recon.init, out_dir / "init.png"),
+        "reconstruction": save_png(matched, out_dir / "reconstruction.png"),
+    }
+    rows = [("target", batch.images), ("init", recon.init)]
+    if result.control is not None:
+        ctrl = result.control.images[result.control_scores.order]
+        arts["control"] = save_png(ctrl, out_dir / "control.png")
+        rows.append(("control (prior only)", ctrl))
+    rows.append(("reconstruction", matched))
+    arts["grid"] = side_by_side(rows, out_dir / "grid.png", boxes=boxes)
+    cfg_path = out_dir / "config.json"
+    cfg_path.write_text(json.dumps(result.config.model_dump(mode="json"), indent=2))
+    arts["config"] = cfg_path
+    tensor_path = out_dir / "reconstruction.pt"
+    torch.save({"reconstruction": recon.images, "order": result.scores.order,
+                "control": None if result.control is None else result.control.images}, tensor_path)
+    arts["tensor"] = tensor_path
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+    arts["metrics"] = metrics_path
+    return arts
+
+
+def _progress(cfg: RunConfig, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.attack.iterations, desc=f"{cfg.variant} attack", leave=False, dynamic_ncols=True)

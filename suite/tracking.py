@@ -1,0 +1,471 @@
+"""MLflow tracking: one run per setting, nested under a study's parent run.
+
+Everything goes through an explicit ``MlflowClient`` and explicit run ids, never MLflow's
+fluent "active run" state, so several worker processes can log to one tracking server at once
+(each worker owns its own run ids). A run always ends in a terminal status: FINISHED on success,
+FAILED on an error (tag ``error``, plus ``failed_step`` for a divergence), KILLED on Ctrl-C or
+SIGTERM.
+
+Tracking URI: ``--tracking-uri`` flag > ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` in the
+current working directory (MLflow's own local default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import suite
+from suite.errors import DivergenceError, GistressError
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# MLflow limits: 8000 characters for a tag value, 6000 for a param value, 100 params per batch.
+_TAG_MAX, _PARAM_MAX, _BATCH = 5000, 6000, 100
+# The tag that marks a run as one setting of a study (resume looks these up).
+KIND_TAG = "gistress.kind"
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in place of SIGTERM so that runs end KILLED exactly as on Ctrl-C."""
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking URI
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_tracking_uri(flag: str | None = None) -> str:
+    """The tracking URI to use: ``flag`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` (cwd).
+
+    The local default is made absolute so that worker processes started elsewhere use the
+    same store.
+    """
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    uri = uri.strip()
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        # A bare path is a file store to MLflow; say so instead of guessing what was meant.
+        raise GistressError(
+            f"tracking URI '{uri}' has no scheme",
+            "use sqlite:///path/to/mlflow.db, http://host:port or file:///path/to/mlruns",
+        )
+    return uri
+
+
+def is_http(uri: str) -> bool:
+    """True for tracking URIs served over HTTP(S) (a shared tracking server)."""
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast when an HTTP(S) tracking server does not answer; local stores always pass."""
+    if not is_http(uri):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # something answered: reachable (the health route may be absent or protected)
+    except (OSError, ValueError) as exc:
+        raise GistressError(
+            f"tracking server {uri} is unreachable ({one_line_error(exc, 200)})",
+            "start it or unset MLFLOW_TRACKING_URI",
+        ) from None
+
+
+def client_for(tracking_uri: str | None = None):
+    """An ``MlflowClient`` bound to ``tracking_uri`` (resolved the suite's way when None)."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _local_artifact_root(uri: str, experiment: str) -> str | None:
+    """For a local sqlite store, keep artifacts beside the database, not in whatever cwd."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db = uri[len("sqlite:///"):]
+    if not db or db == ":memory:":
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment) or "default"
+    return (Path(db).resolve().parent / "mlruns" / safe).as_uri()
+
+
+def experiment_id(client, name: str, *, create: bool = True) -> str | None:
+    """The id of experiment ``name``; created (race-safe across processes) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise GistressError(
+                f"MLflow experiment '{name}' is deleted",
+                f"restore it (mlflow experiments restore --experiment-id {exp.experiment_id}) "
+                "or rename the study",
+            )
+        return exp.experiment_id
+    if not create:
+        return None
+    try:
+        return client.create_experiment(name, artifact_location=_local_artifact_root(client.tracking_uri, name))
+    except MlflowException:
+        # Another worker created it between our lookup and our create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# tags and params
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The suite's git commit, or None (never raises, never waits long)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(suite.__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=2,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> the device the runner will pick (cuda when available, else cpu)."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # torch broken or absent: the tag is informative only
+        return "unknown"
+
+
+def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The tags every setting run carries (threat-model flags, provenance)."""
+    level = cfg.threat.assumption_level(uses_bn_prior=cfg.attack.bn_prior > 0, uses_tv=cfg.attack.tv > 0)
+    tags = {
+        KIND_TAG: "setting",
+        "config_hash": cfg.config_hash(),
+        "assumption_level": str(level),
+        "upper_bound": str(cfg.threat.upper_bound).lower(),
+        "oracle_init": str(cfg.attack.oracle_init).lower(),
+        "variant": cfg.variant,
+        "gistress_version": suite.__version__,
+        "device": resolve_device(cfg.device),
+        "mlflow.source.name": "gistress",
+    }
+    sha = git_commit()
+    if sha:
+        tags["git_commit"] = sha
+        tags["mlflow.source.git.commit"] = sha
+    for key, value in (extra_tags or {}).items():
+        tags[str(key)] = _tag_value(value)
+    return tags
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+    return text[:_TAG_MAX]
+
+
+def one_line_error(exc: BaseException, limit: int = _TAG_MAX) -> str:
+    if isinstance(exc, GistressError):
+        text = exc.one_line()
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return " ".join(text.split())[:limit]
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Keep numeric values (bools as 0/1); MLflow stores NaN/inf as such, so they stay."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            out[key] = float(value)
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # 0-d tensor / numpy scalar
+            out[key] = float(value.item())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one setting's run
+# ---------------------------------------------------------------------------------------------
+
+
+def create_setting_run(
+    cfg,
+    *,
+    experiment: str,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    scheduled: bool = False,
+    client=None,
+) -> str:
+    """Create the MLflow run for one setting (params and tags logged) and return its id.
+
+    ``scheduled=True`` leaves it SCHEDULED (a queued job); ``setting_run(run_id=...)`` later
+    attaches to it and marks it RUNNING. Used by studies so that the main process always knows
+    every child's id and can mark it KILLED or FAILED if its worker dies.
+    """
+    from mlflow.entities import Param
+
+    client = client or client_for(tracking_uri)
+    exp_id = experiment_id(client, experiment)
+    tags = setting_tags(cfg, extra_tags)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=tags, run_name=run_name)
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, str(v)[:_PARAM_MAX]) for k, v in cfg.flat_params().items()]
+        for i in range(0, len(params), _BATCH):
+            client.log_batch(run_id, params=params[i : i + _BATCH])
+        if scheduled:
+            client.update_run(run_id, status="SCHEDULED")
+    except BaseException as exc:
+        _terminate(client, run_id, exc)
+        raise
+    return run_id
+
+
+class SettingRun:
+    """Handle yielded by ``setting_run``: log step metrics and the final result."""
+
+    def __init__(self, client, run_id: str, cfg):
+        self.client = client
+        self.run_id = run_id
+        self.cfg = cfg
+        self._step_warned = False
+        self._last_step = 0
+
+    def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Log step metrics; a tracking hiccup warns once and never stops the attack."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, int(step)) for k, v in numeric_metrics(metrics).items()]
+        if not batch:
+            return
+        self._last_step = max(self._last_step, int(step))
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as exc:  # step curves are nice to have; the final result is not optional
+            if not self._step_warned:
+                print(f"warning: step metrics not logged ({one_line_error(exc, 200)})", file=sys.stderr)
+                self._step_warned = True
+
+    def log_result(self, result) -> None:
+        """Log final metrics, the result's tags, every artifact (images under ``images/``),
+        the resolved config (``config.yaml``) and per-sample scores (``scores.json``)."""
+        import yaml
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        # Final values go at the last step: MLflow shows a metric's value at its highest step, and
+        # step curves (psnr, matching_loss) share names with final metrics.
+        cfg = result.config if result.config is not None else self.cfg
+        final_step = max(int(cfg.attack.iterations), self._last_step)
+        metrics = [Metric(k, v, now, final_step) for k, v in numeric_metrics(result.metrics).items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        for key, value in (result.tags or {}).items():
+            self.client.set_tag(self.run_id, str(key), _tag_value(value))
+        for path in (result.artifacts or {}).values():
+            path = Path(path)
+            if path.is_file():
+                sub = "images" if path.suffix.lower() in IMAGE_SUFFIXES else None
+                self.client.log_artifact(self.run_id, str(path), artifact_path=sub)
+        self.client.log_text(
+            self.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
+        )
+        scores = {}
+        for name in ("scores", "control_scores"):
+            value = getattr(result, name, None)
+            if value is not None and is_dataclass(value):
+                scores[name] = asdict(value)
+        if scores:
+            self.client.log_dict(self.run_id, scores, "scores.json")
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log one extra file."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+
+@contextlib.contextmanager
+def setting_run(
+    cfg,
+    *,
+    experiment: str,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> Iterator[SettingRun]:
+    """Context manager for ONE setting's MLflow run (nested under ``parent_run_id`` if given).
+
+    On enter the run is created (or, with ``run_id``, an existing SCHEDULED run is attached and
+    marked RUNNING) with ``cfg.flat_params()`` and the setting's tags. On exit it is FINISHED;
+    a ``GistressError`` / other exception makes it FAILED (tags ``error``, ``failed_step`` for a
+    divergence); ``KeyboardInterrupt`` / ``SystemExit`` make it KILLED. The exception is
+    re-raised. The run is never left RUNNING.
+    """
+    client = client_for(tracking_uri)
+    if run_id is None:
+        run_id = create_setting_run(
+            cfg,
+            experiment=experiment,
+            run_name=run_name,
+            parent_run_id=parent_run_id,
+            extra_tags=extra_tags,
+            client=client,
+        )
+    else:
+        client.update_run(run_id, status="RUNNING")
+    handle = SettingRun(client, run_id, cfg)
+    with terminal_status(client, run_id):
+        yield handle
+
+
+@contextlib.contextmanager
+def terminal_status(client, run_id: str) -> Iterator[None]:
+    """Give ``run_id`` its terminal status from how the block ends, then re-raise."""
+    try:
+        yield
+    except BaseException as exc:
+        _terminate(client, run_id, exc)
+        raise
+    else:
+        client.set_terminated(run_id, "FINISHED")
+
+
+def _terminate(client, run_id: str, exc: BaseException) -> None:
+    """Mark a run FAILED/KILLED for ``exc``; tracking errors here warn, never mask ``exc``."""
+    killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    try:
+        if isinstance(exc, Terminated):
+            client.set_tag(run_id, "error", "terminated (SIGTERM)")
+        elif killed:
+            client.set_tag(run_id, "error", "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "exited")
+        else:
+            client.set_tag(run_id, "error", one_line_error(exc))
+            if isinstance(exc, DivergenceError):
+                client.set_tag(run_id, "failed_step", str(exc.step))
+            if not isinstance(exc, GistressError):
+                # An unexpected error: keep the traceback beside the run for whoever debugs it.
+                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                client.log_text(run_id, tb, "error.txt")
+        client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+    except Exception as track_exc:
+        print(
+            f"warning: could not mark MLflow run {run_id} {'KILLED' if killed else 'FAILED'} "
+            f"({one_line_error(track_exc, 200)})",
+            file=sys.stderr,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# lookups for resume
+# ---------------------------------------------------------------------------------------------
+
+
+def setting_runs(experiment: str, tracking_uri: str | None = None, statuses=None, *, client=None) -> list:
+    """Active (not deleted) setting runs of ``experiment``, optionally only given statuses."""
+    from mlflow.entities import ViewType
+
+    client = client or client_for(tracking_uri)
+    exp_id = experiment_id(client, experiment, create=False)
+    if exp_id is None:
+        return []
+    flt = f"tags.`{KIND_TAG}` = 'setting'"
+    wanted = set(statuses or ())
+    if len(wanted) == 1:
+        flt += f" and attributes.status = '{next(iter(wanted))}'"  # the store filters one status only
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp_id], filter_string=flt, run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+        )
+        runs.extend(r for r in page if not wanted or r.info.status in wanted)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_runs(experiment: str, tracking_uri: str | None = None, *, client=None) -> dict[str, str]:
+    """config_hash -> run_id of FINISHED setting runs (under any parent): what resume skips."""
+    out = {}
+    runs = setting_runs(experiment, tracking_uri, ["FINISHED"], client=client)
+    # Oldest first, so that if a hash was ever finished twice the first run is the reference.
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        out.setdefault(run.data.tags.get("config_hash", ""), run.info.run_id)
+    out.pop("", None)
+    return out
+
+
+def failed_runs(experiment: str, tracking_uri: str | None = None, *, client=None) -> dict[str, list[str]]:
+    """config_hash -> run ids of FAILED or KILLED setting runs (what resume retries)."""
+    out: dict[str, list[str]] = {}
+    for run in setting_runs(experiment, tracking_uri, ["FAILED", "KILLED"], client=client):
+        h = run.data.tags.get("config_hash")
+        if h:
+            out.setdefault(h, []).append(run.info.run_id)
+    return out
+
+
+def child_runs(client, experiment_id_: str, parent_run_id: str) -> list:
+    """All runs nested under ``parent_run_id``."""
+    flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id_], filter_string=flt, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A float for finite numbers, else None (for summaries)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None

@@ -1,0 +1,238 @@
+"""``gistress audit``: the battery end to end (classifier and YOLO), the verdict logic, failing and
+interrupted levels, and bad input that must leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from suite import audit
+from suite.cli import main
+from suite.config import RunConfig
+from suite.data.batch import Batch
+from suite.results import Reconstruction, RunResult, Scores
+
+HEADERS = [h for _, h in audit.COLUMNS]
+KEYS = [k for k, _ in audit.COLUMNS]
+
+
+def _last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def _runs(workdir, parent_run_id):
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return client, parent, children
+
+
+def _check_report_files(out):
+    for name in ("report.md", "report.html", "verdict.csv", "verdict.json", "audit.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for header in HEADERS:
+        assert f"| {header} " in md or f"| {header} |" in md, header
+        assert f"<th>{header}</th>" in html, header
+    assert "data:image/png;base64," in html  # images embedded: the page stands alone
+    for line in md.splitlines():
+        if line.startswith("!["):
+            assert (out / line.split("](", 1)[1].rstrip(")")).is_file(), line
+    header_line = (out / "verdict.csv").read_text().splitlines()[0].split(",")
+    assert header_line[: len(KEYS)] == KEYS
+    return md, json.loads((out / "verdict.json").read_text())
+
+
+def test_classifier_quick_audit_runs_the_whole_battery(workdir, capsys):
+    rc = main(["audit", "--variant", "resnet18", "--stem", "cifar", "--opt", "width=8", "--image", "astronaut",
+               "--level", "quick", "--iterations", "4", "--out", "out", "--json", "--quiet"])
+    summary = _last_json(capsys)
+    assert rc == 0 and summary["exit_code"] == 0
+    md, verdict = _check_report_files(workdir / "out")
+
+    # the verdict table: every battery level, in battery order, with every column
+    assert verdict["columns"] == KEYS
+    rows = verdict["rows"]
+    assert [r["key"] for r in rows] == [lv.key for lv in audit.BATTERY]
+    for r in rows:
+        assert set(KEYS) <= set(r) and r["status"] == "finished"
+        assert r["lpips"] == "missing" or 0 <= r["lpips"] <= 1  # never a silent 0 for "missing"
+        assert isinstance(r["leaked"], bool) and 0 <= r["brr"] <= 1 and 0 <= r["wsrr"] <= 1
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["realistic"]["assumption_level"] == 1 and not by_key["realistic"]["upper_bound"]
+    assert by_key["bn_running"]["assumption_level"] == 4
+    assert by_key["fedavg"]["assumption_level"] == 3
+    assert by_key["bn_eval"]["upper_bound"] and by_key["strongest"]["upper_bound"]
+    assert summary["rows"] == json.loads(json.dumps(rows))
+    # random weights: the eval-mode levels calibrate BN, and the report says so; the override too
+    assert "calibrated on data" in md and "--iterations 4" in md
+    assert verdict["iterations_override"] == 4 and verdict["budget"] == "quick"
+
+    # MLflow: one parent, one FINISHED child per level, each with the level's threat model
+    client, parent, children = _runs(workdir, summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["gistress.kind"] == "audit"
+    assert len(children) == len(audit.BATTERY)
+    assert {c.info.status for c in children} == {"FINISHED"}
+    params = {c.data.params["audit_level"]: c.data.params for c in children}
+    assert params["bn_running"]["bn_stats"] == "running" and params["bn_running"]["preset"] == "gia_bn"
+    assert params["bn_eval"]["bn_mode"] == "eval" and params["bn_eval"]["weights"] == "calibrated"
+    assert params["labels_inferred"]["shares"] == "none"
+    assert params["fedavg"]["update"] == "fedavg" and params["fedavg"]["local_steps"] == "4"
+    assert params["strongest"]["restarts"] == "2" and params["strongest"]["bn_stats"] == "exact"
+    assert all(p["control"] == "True" and p["batch_size"] == "1" for p in params.values())
+    for c in children:
+        assert {"brr", "wsrr", "median_psnr", "leaked"} <= set(c.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.html", "verdict.json", "verdict.csv", "audit.png"} <= artifacts
+
+
+def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, capsys):
+    rc = main(["audit", "--variant", "yolov8n", "--image", "bus", "--size", "128", "--level", "quick",
+               "--iterations", "2", "--out", "out", "--json", "--quiet"])
+    summary = _last_json(capsys)
+    assert rc == 0
+    md, verdict = _check_report_files(workdir / "out")
+    rows = {r["key"]: r for r in verdict["rows"]}
+    assert rows["labels_inferred"]["status"].startswith("skipped: detection")
+    assert rows["labels_inferred"]["run_id"] is None
+    ran = [k for k, r in rows.items() if r["status"] == "finished"]
+    assert ran == ["realistic", "bn_running", "bn_eval", "fedavg", "strongest"]
+    assert "boxes and classes are shared" in md
+
+    _, parent, children = _runs(workdir, summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 5 and {c.info.status for c in children} == {"FINISHED"}
+    grants = {c.data.params["audit_level"]: json.loads(c.data.tags["grants"]) for c in children}
+    assert all(g["labels"] == "boxes+classes" for g in grants.values())
+    assert all(c.data.params["size"] == "128" for c in children)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run loop with a stand-in runner (fast): leaks, failures, interrupts
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_runner(psnr_by_level: dict[str, float], fail: str | None = None, interrupt: str | None = None):
+    """A run_setting stand-in: fixed PSNR per level (key from the threat/attack), no attack."""
+
+    def key_of(cfg: RunConfig) -> str:
+        t, a = cfg.threat, cfg.attack
+        if a.restarts > 1:
+            return "strongest"
+        if t.bn_stats == "running":
+            return "bn_running"
+        if t.bn_mode == "eval":
+            return "bn_eval"
+        if not t.shares_labels:
+            return "labels_inferred"
+        return "fedavg" if t.update == "fedavg" else "realistic"
+
+    def run(cfg, *, out_dir, progress=False, on_step=None):
+        key = key_of(cfg)
+        if key == fail:
+            raise RuntimeError("out of memory in level " + key)
+        if key == interrupt:
+            raise KeyboardInterrupt
+        on_step(0, {"matching_loss": 0.5, "psnr": 10.0})
+        x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        p = psnr_by_level.get(key, 10.0)
+        sc = Scores(psnr=[p], ssim=[0.5], lpips=None, leaked=[p >= 18], order=[0], leak_rule="psnr>=18",
+                    lpips_missing="backbone absent")
+        ctrl = Scores(psnr=[p - 3], ssim=[0.4], lpips=None, leaked=[False], order=[0])
+        rec = Reconstruction(images=x, matching_loss=0.1, restart_images=[x] * cfg.attack.restarts,
+                             restart_losses=[0.1] * cfg.attack.restarts, chosen=0, init=x)
+        return RunResult(config=cfg, target=Batch(images=x, labels=torch.tensor([0]), ids=cfg.images),
+                         reconstruction=rec, scores=sc, control=rec, control_scores=ctrl,
+                         restart_scores=[sc] * cfg.attack.restarts,
+                         metrics={"psnr": p, "control_psnr": p - 3, "gain_psnr": 3.0},
+                         tags={"assumption_level": "1", "upper_bound": str(cfg.threat.upper_bound)})
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_plan():
+    base = RunConfig(variant="convnet", variant_options={"width": 4, "batchnorm": True}, images=["astronaut"])
+    return audit.plan_audit(base, "quick", iterations=2)
+
+
+def test_failing_level_is_failed_child_and_audit_goes_on(workdir, small_plan, capsys):
+    runner = _fake_runner({"bn_eval": 25.0, "strongest": 30.0}, fail="fedavg")
+    result = audit.run_audit(small_plan, out_dir=workdir / "out", runner=runner)
+    assert result.exit_code == 1
+    _, verdict = _check_report_files(workdir / "out")
+    rows = {r["key"]: r for r in verdict["rows"]}
+    assert rows["fedavg"]["status"].startswith("failed: RuntimeError: out of memory")
+    assert rows["fedavg"]["leaked"] is None
+    assert rows["strongest"]["leaked"] is True and rows["realistic"]["leaked"] is False
+    # the table shows the reason where the leak verdict would be
+    assert "failed: RuntimeError: out of memory" in audit.format_table(verdict["rows"])
+
+    _, parent, children = _runs(workdir, result.parent_run_id)
+    status = {c.data.tags["audit.level"]: c.info.status for c in children}
+    assert status.pop("fedavg") == "FAILED" and set(status.values()) == {"FINISHED"}
+    failed = next(c for c in children if c.data.tags["audit.level"] == "fedavg")
+    assert "out of memory" in failed.data.tags["error"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "leaks: bn_eval,strongest"
+    # the verdict names the assumptions the leak needed and that it bounds only these attacks
+    assert "Leaks only with inference-mode BN (an upper bound)" in result.verdict
+    assert "every leaking level is an upper bound" in result.verdict
+    assert "bounds only the attacks it ran" in result.verdict
+    assert "did not finish (fedavg)" in result.verdict
+
+
+def test_interrupted_audit_marks_runs_killed_and_writes_partial_report(workdir, small_plan):
+    with pytest.raises(KeyboardInterrupt):
+        audit.run_audit(small_plan, out_dir=workdir / "out", runner=_fake_runner({}, interrupt="bn_eval"))
+    verdict = json.loads((workdir / "out" / "verdict.json").read_text())
+    status = {r["key"]: r["status"] for r in verdict["rows"]}
+    assert status["realistic"] == "finished" and status["bn_eval"].startswith("killed")
+    assert status["strongest"] == "not run (audit interrupted)"
+    _, parent, children = _runs(workdir, verdict["parent_run_id"])
+    assert parent.info.status == "KILLED"
+    assert {c.data.tags["audit.level"]: c.info.status for c in children}["bn_eval"] == "KILLED"
+
+
+def test_conclusion_wording():
+    plan = audit.AuditPlan(base=RunConfig(variant="lenet"), budget=audit.BUDGETS["quick"], images=["a", "b"],
+                           size=32, task="classification", has_bn=True, levels=[], skipped=[], notes=[])
+
+    def outcome(n, psnrs, gain=5.0, upper=False):
+        lv = audit.BATTERY[n - 1]
+        o = audit.LevelOutcome(n, lv, "FINISHED", assumption_level=1, upper_bound=upper)
+        o.samples = [audit.Sample(f"i{j}", p, 0.5, None, p >= 18, gain, p - gain) for j, p in enumerate(psnrs)]
+        o.attempts_leaked = [s.leaked for s in o.samples]
+        return o
+
+    none = audit.conclusion(plan, [outcome(1, [10, 12]), outcome(6, [15, 16], upper=True)])
+    assert none.startswith("No level leaked") and "not a proof of privacy" in none
+    real = [outcome(1, [20, 12]), outcome(6, [25, 26], upper=True)]
+    text = audit.conclusion(plan, real)
+    assert text.startswith("Leaks under the realistic setting (level 1)") and "50%" in text
+    assert "Also leaked: strongest" in text
+    # a leak the prior explains (gradient gain under 1 dB) is called out
+    assert "the image prior, not the update" in audit.conclusion(plan, [outcome(3, [19, 19], gain=0.2, upper=True)])
+    o = real[0]
+    assert o.brr == 0.5 and o.median("psnr") == 16.0 and o.median("lpips") is None
+    assert [label for label, _ in o.best_and_median()] == ["best", "median"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "resnet18", "--level", "quik"], "unknown audit level 'quik' (did you mean 'quick'?)"),
+    (["--variant", "resnet81"], "unknown variant 'resnet81'"),
+    (["--variant", "resnet18", "--stem", "cifar", "--image", "no_such_image"], "no_such_image"),
+    (["--variant", "yolov8n", "--images", "5"], "--images 5 asked, the data has 2 images"),
+])
+def test_bad_input_is_one_line_and_leaves_nothing(workdir, capsys, argv, message):
+    rc = main(["audit", *argv, "--out", "out"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (workdir / "out").exists() and not (workdir / "gistress-out").exists()
+    assert not (workdir / "mlflow.db").exists()  # no experiment, no parent run

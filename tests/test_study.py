@@ -1,0 +1,672 @@
+"""Study specs, expansion, dry-run, resume, interrupts and scale-out (suite.study / executors)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import suite  # noqa: F401  (offline defaults before mlflow)
+from suite.config import RunConfig
+from suite.data.batch import Batch
+from suite.errors import DivergenceError, GistressError
+from suite.results import Reconstruction, RunResult, Scores
+from suite.study import expand, expand_settings, parse_sets, parse_spec, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+FAKE = "test_study:fake_run_setting"
+CALLS: list[str] = []  # config hashes the fake runner ran (in-process runs only)
+
+
+# ---------------------------------------------------------------------------------------------
+# a fake runner with run_setting's signature (tiny tensors, real PNG artifacts)
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_result(cfg: RunConfig, out_dir: Path) -> RunResult:
+    """A RunResult made of tiny tensors, with target/control/reconstruction PNGs on disk."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(int(cfg.config_hash()[:6], 16))
+    target = torch.rand(1, 3, 8, 8, generator=g)
+    recon = torch.rand(1, 3, 8, 8, generator=g)
+    psnr = 10.0 + int(cfg.config_hash()[:4], 16) % 20
+    scores = Scores(psnr=[psnr], ssim=[0.5], lpips=None, leaked=[psnr >= 18], order=[0],
+                    lpips_missing="no backbone offline")
+    control_scores = Scores(psnr=[9.0], ssim=[0.3], lpips=None, leaked=[False], order=[0])
+    rec = Reconstruction(images=recon, matching_loss=0.25, restart_images=[recon], restart_losses=[0.25],
+                         chosen=0, init=torch.rand(1, 3, 8, 8, generator=g))
+    artifacts = {}
+    for name, t in (("target", target), ("reconstruction", recon), ("control", recon.flip(-1))):
+        arr = (t[0].permute(1, 2, 0).numpy() * 255).astype("uint8")
+        p = out_dir / f"{name}.png"
+        Image.fromarray(arr).resize((32, 32)).save(p)
+        artifacts[name] = p
+    (out_dir / "config.json").write_text(cfg.model_dump_json())
+    artifacts["config"] = out_dir / "config.json"
+    metrics = {**scores.summary(), **control_scores.summary("control_"), "matching_loss": 0.25,
+               "gain_psnr": psnr - 9.0}
+    return RunResult(config=cfg, target=Batch(images=target, labels=torch.tensor([1])), reconstruction=rec,
+                     scores=scores, control=rec, control_scores=control_scores, metrics=metrics,
+                     artifacts=artifacts, tags={"device": "cpu", "task": "classification"})
+
+
+def fake_run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True, on_step=None) -> RunResult:
+    """Behaves by variant name: fail / diverge / crash; env FAKE_INTERRUPT_AT, FAKE_SLEEP_AT."""
+    CALLS.append(cfg.config_hash())
+    v = cfg.variant
+    if os.environ.get("FAKE_INTERRUPT_AT") == v:
+        raise KeyboardInterrupt
+    if os.environ.get("FAKE_SLEEP_AT") == v:
+        time.sleep(120)
+    if v == "fail":
+        raise GistressError("fake setting failed on purpose", "nothing to fix")
+    if v == "diverge":
+        raise DivergenceError("matching loss is NaN at step 3", step=3)
+    if v == "crash":
+        raise RuntimeError("unexpected bug")
+    for step in range(0, cfg.attack.iterations, cfg.attack.log_every):
+        if on_step is not None:
+            on_step(step, {"matching_loss": 1.0 / (step + 1), "tv": 0.1, "psnr": 5.0 + step})
+    return fake_result(cfg, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def children(uri: str, study: str) -> list:
+    from suite.tracking import setting_runs
+
+    return setting_runs(study, uri)
+
+
+def parents(uri: str, study: str) -> list:
+    c = client(uri)
+    exp = c.get_experiment_by_name(study)
+    return c.search_runs([exp.experiment_id], filter_string="tags.`gistress.kind` = 'study'")
+
+
+SMALL = """
+name: small
+base:
+  attack: {preset: ig, iterations: 4, log_every: 2}
+grid:
+  variant: [alpha, beta]
+seeds: [0]
+images: [astronaut, chelsea]
+profiles:
+  smoke: {attack.iterations: 2}
+  paper: {attack.iterations: 24000}
+"""
+
+
+@pytest.fixture
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# spec validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_names_key_file_line_and_nearest(tmp_path):
+    p = write(tmp_path, "name: x\ngird:\n  variant: [lenet]\n", "x.yaml")
+    with pytest.raises(GistressError) as e:
+        expand(p)
+    msg = e.value.one_line()
+    assert "unknown key 'gird'" in msg and f"{p}:2" in msg and "did you mean 'grid'?" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_nested_keys_name_nearest(tmp_path):
+    p = write(tmp_path, "name: x\nbase:\n  variant: lenet\n  attack: {iteratons: 3}\n")
+    with pytest.raises(GistressError, match=r"unknown key 'attack.iteratons'.*did you mean 'attack.iterations'"):
+        expand(p)
+    p = write(tmp_path, "name: x\nbase: {variant: lenet}\ngrid:\n  threat.bn_mod: [train]\n")
+    with pytest.raises(GistressError, match=r"'threat.bn_mod'.*:4.*did you mean 'threat.bn_mode'"):
+        expand(p)
+    p = write(tmp_path, "name: x\nbase: {variant: lenet}\nexecutor: {slurm_partiton: gpu}\n")
+    with pytest.raises(GistressError, match=r"unknown key 'executor.slurm_partiton'.*did you mean 'slurm_partition'"):
+        expand(p)
+    p = write(tmp_path, "name: x\nbase: {variant: lenet}\nprofiles:\n  smoke: {attack.iters: 2}\n")
+    with pytest.raises(GistressError, match=r"'attack.iters'.*profile 'smoke'.*did you mean 'attack.iterations'"):
+        expand(p, "smoke")
+
+
+def test_free_form_option_dicts_accept_any_key(tmp_path):
+    p = write(tmp_path, "name: x\nbase: {variant: resnet18}\ngrid:\n  variant_options.cut_skips: [[0], all]\n")
+    cfgs = expand(p)
+    assert [c.variant_options["cut_skips"] for c in cfgs] == [[0], "all"]
+
+
+def test_wrong_types_are_one_line_errors(tmp_path):
+    p = write(tmp_path, "name: x\nbase: {variant: lenet}\nseeds: [zero]\n")
+    with pytest.raises(GistressError) as e:
+        expand(p)
+    assert "seeds.0" in e.value.message and str(p) in e.value.message and "'zero'" in e.value.message
+    p = write(tmp_path, "name: x\nbase: {variant: lenet}\ngrid:\n  attack.iterations: [5, lots]\n")
+    with pytest.raises(GistressError) as e:
+        expand(p)
+    msg = e.value.one_line()
+    assert "setting 2" in msg and "attack.iterations" in msg and "'lots'" in msg and "\n" not in msg
+    p = write(tmp_path, "name: x\ngrid: {variant: lenet}\n")
+    with pytest.raises(GistressError, match="grid.variant.*valid list"):
+        expand(p)
+
+
+def test_missing_variant_is_named(tmp_path):
+    p = write(tmp_path, "name: x\ngrid: {size: [32]}\n")
+    with pytest.raises(GistressError, match=r"setting 1 .*variant: Field required"):
+        expand(p)
+
+
+def test_empty_axis_and_zip_mismatch(tmp_path):
+    p = write(tmp_path, "name: x\nbase: {variant: lenet}\ngrid:\n  seed: []\n")
+    with pytest.raises(GistressError, match=r"grid axis 'seed' in .*:4 is empty"):
+        expand(p)
+    p = write(tmp_path, "name: x\nzip:\n  variant: [a, b]\n  size: [32]\n")
+    with pytest.raises(GistressError, match=r"zip axes in .* different lengths \(variant: 2, size: 1\)"):
+        expand(p)
+    prof = "name: x\nbase: {variant: a}\nzip: {size: [32, 64], seed: [0, 1]}\nprofiles:\n  s: {zip: {size: [8]}}\n"
+    with pytest.raises(GistressError, match=r"profile 's'.*different lengths"):
+        expand(write(tmp_path, prof), "s")
+
+
+def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
+    p = write(tmp_path, "name: x\ngrid:\n  variant: [lenet\n  size: 3\n", "bad.yaml")
+    with pytest.raises(GistressError) as e:
+        expand(p)
+    msg = e.value.one_line()
+    assert msg.startswith(f"malformed YAML in {p}:") and "\n" not in msg
+    line = int(msg.split(f"{p}:")[1].split(":")[0])
+    assert 3 <= line <= 4
+
+
+def test_profile_errors(tmp_path):
+    p = write(tmp_path, SMALL)
+    with pytest.raises(GistressError, match=r"profile 'smok' is not in .*did you mean 'smoke'"):
+        expand(p, "smok")
+    p = write(tmp_path, SMALL.replace("smoke: {attack.iterations: 2}", "smoke: {grid: {varint: [alpha]}}"))
+    with pytest.raises(GistressError, match=r"axis 'varint'.*did you mean 'variant'"):
+        expand(p, "smoke")
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(GistressError, match="not found"):
+        expand(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# expansion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_expansion_counts_grid_zip_seeds_images(tmp_path):
+    p = write(tmp_path, """
+name: count
+base: {attack: {iterations: 3}}
+grid:
+  threat.bn_mode: [train, eval]
+  threat.bn_stats: [none, running, exact]
+zip:
+  variant: [resnet18, preact_resnet18]
+  variant_options: [{stem: cifar}, {stem: cifar, width: 128}]
+seeds: [0, 1]
+images: [astronaut, chelsea, [coffee, rocket]]
+""")
+    settings = expand_settings(p)
+    assert len(settings) == 2 * 3 * 2 * 2 * 3
+    assert len({s.config_hash for s in settings}) == len(settings)
+    batch = [s for s in settings if s.image == "coffee+rocket"]
+    assert batch and all(s.config.images == ["coffee", "rocket"] for s in batch)
+    s = settings[0]
+    assert s.name == "resnet18 bn=train bn_stats=none seed=0 img=astronaut"
+    assert set(s.axes) == {"threat.bn_mode", "threat.bn_stats", "variant", "variant_options"}
+    wide = [x for x in settings if x.config.variant == "preact_resnet18"]
+    assert all(x.config.variant_options == {"stem": "cifar", "width": 128} for x in wide)
+
+
+def test_precedence_base_grid_profile_set_and_dedupe(tmp_path):
+    p = write(tmp_path, """
+name: prec
+base: {variant: lenet, size: 16, attack: {iterations: 7, tv: 0.5}, variant_options: {num_classes: 10}}
+grid:
+  size: [24, 32]
+  variant_options.num_classes: [10, 100]
+profiles:
+  smoke: {size: 8, seeds: [3], images: [rocket]}
+""")
+    cfgs = expand(p)
+    assert sorted({c.size for c in cfgs}) == [24, 32] and {c.attack.tv for c in cfgs} == {0.5}
+    assert {c.variant_options["num_classes"] for c in cfgs} == {10, 100}
+    smoke = expand(p, "smoke")
+    # the profile pins size, so the two size points collapse: duplicates run once
+    assert len(smoke) == 2 and {c.size for c in smoke} == {8} and {c.seed for c in smoke} == {3}
+    assert {tuple(c.images) for c in smoke} == {("rocket",)}
+    final = expand(p, "smoke", ["size=12", "attack.iterations=50", "seeds=[4, 5]", "images=chelsea"])
+    assert {c.size for c in final} == {12} and {c.attack.iterations for c in final} == {50}
+    assert isinstance(final[0].attack.iterations, int)
+    assert sorted({c.seed for c in final}) == [4, 5] and {tuple(c.images) for c in final} == {("chelsea",)}
+
+
+def test_parse_sets():
+    over, study = parse_sets(["attack.iterations=50", "threat.bn_mode=eval", "variant_options={stem: cifar}",
+                              "attack.noise_p=0.75", "weights=file:/a=b.pt", "seeds=[0,1]"])
+    assert over["attack.iterations"] == 50 and over["threat.bn_mode"] == "eval"
+    assert over["variant_options"] == {"stem": "cifar"} and over["attack.noise_p"] == 0.75
+    assert over["weights"] == "file:/a=b.pt" and study == {"seeds": [0, 1]}
+    with pytest.raises(GistressError, match=r"unknown key 'attack.iteration'.*did you mean 'attack.iterations'"):
+        parse_sets(["attack.iteration=5"])
+    with pytest.raises(GistressError, match="not key=value"):
+        parse_sets(["attack.iterations"])
+    with pytest.raises(GistressError, match=r"did you mean 'threat.bn_mode'"):
+        parse_sets(["threat.bnmode=train"])
+
+
+def test_label_axes_drop_implied_ones(tmp_path):
+    p = write(tmp_path, """
+name: lab
+zip:
+  variant: [resnet18, yolov8n]
+  size: [32, 128]
+  images: [[astronaut], [bus]]
+""")
+    names = [s.name for s in expand_settings(p)]
+    assert names == ["resnet18 seed=0 img=astronaut", "yolov8n seed=0 img=bus"]
+
+
+# ---------------------------------------------------------------------------------------------
+# dry run and the CLI module
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> int:
+    from suite.commands import study as cmd
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cmd.add_parser(sub)
+    return cmd.run(parser.parse_args(["study", *argv]))
+
+
+def test_dry_run_prints_settings_and_never_touches_mlflow(tmp_path, monkeypatch, capsys):
+    spec = write(tmp_path, SMALL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    assert _cli([str(spec), "--profile", "smoke", "--dry-run", "--json", "--set", "attack.iterations=3"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2] == "4 setting(s)"
+    assert out[0].startswith("[1] alpha seed=0 img=astronaut")
+    data = json.loads(out[-1])
+    assert data["n_settings"] == 4 and data["settings"][0]["config"]["attack"]["iterations"] == 3
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "gistress-out").exists()
+
+
+def test_cli_errors_are_gistress_errors(tmp_path):
+    spec = write(tmp_path, SMALL)
+    with pytest.raises(GistressError, match="unknown key 'atack.iterations'"):
+        _cli([str(spec), "--dry-run", "--set", "atack.iterations=3"])
+
+
+# ---------------------------------------------------------------------------------------------
+# running, resume, failures, interrupts (fake runner, in-process)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_study_in_process(tmp_path, uri, capsys):
+    spec = write(tmp_path, SMALL)
+    out = run_study(spec, profile="smoke", tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE, json_out=True)
+    assert out.exit_code == 0 and out.counts == {"FINISHED": 4}
+    kids = children(uri, "small")
+    assert len(kids) == 4 and {k.info.status for k in kids} == {"FINISHED"}
+    assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {out.parent_run_id}
+    assert {k.info.run_name for k in kids} == {f"{v} seed=0 img={i}" for v in ("alpha", "beta")
+                                               for i in ("astronaut", "chelsea")}
+    parent = client(uri).get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["n_finished"] == "4"
+    arts = {a.path for a in client(uri).list_artifacts(out.parent_run_id)}
+    assert {"summary.csv", "figure.png", "spec.yaml", "settings.json"} <= arts
+    csv_lines = out.csv_path.read_text().splitlines()
+    assert csv_lines[0].startswith("variant,seed,image,psnr,ssim,lpips,brr,control_psnr,gain_psnr,status")
+    assert len(csv_lines) == 5 and ",missing," in csv_lines[1]
+    assert out.figure_path.is_file() and out.figure_path.stat().st_size > 1000
+    printed = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(printed[-1])
+    assert last["counts"] == {"FINISHED": 4} and last["parent_run_id"] == out.parent_run_id
+    assert any("figure:" in line for line in printed) and any("gistress ui" in line for line in printed)
+
+
+def test_resume_reruns_only_missing_and_failed(tmp_path, uri):
+    spec = write(tmp_path, SMALL)
+    kw = dict(profile="smoke", tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE)
+    first = run_study(spec, **kw)
+    kids = sorted(children(uri, "small"), key=lambda r: r.info.run_name)
+    c = client(uri)
+    c.set_terminated(kids[0].info.run_id, "FAILED")   # as if it had failed
+    c.delete_run(kids[1].info.run_id)                 # as if someone deleted it
+    CALLS.clear()
+    second = run_study(spec, **kw)
+    rerun = {kids[0].data.tags["config_hash"], kids[1].data.tags["config_hash"]}
+    assert set(CALLS) == rerun and len(CALLS) == 2
+    assert second.exit_code == 0 and second.counts == {"FINISHED": 4}
+    assert sum(r["reused"] for r in second.rows) == 2
+    active = children(uri, "small")
+    finished = [r for r in active if r.info.status == "FINISHED"]
+    assert len(active) == 5 and len(finished) == 4  # 3 left (one FAILED) + 2 new; the deleted one is gone
+    assert len({r.data.tags["config_hash"] for r in finished}) == 4  # never a duplicate FINISHED
+    CALLS.clear()
+    third = run_study(spec, **kw)
+    assert CALLS == [] and third.counts == {"FINISHED": 4} and len(children(uri, "small")) == 5
+    assert first.parent_run_id != second.parent_run_id != third.parent_run_id
+    CALLS.clear()
+    run_study(spec, fresh=True, **kw)
+    assert len(CALLS) == 4
+
+
+def test_failing_settings_are_failed_and_the_study_continues(tmp_path, uri):
+    spec = write(tmp_path, SMALL.replace("[alpha, beta]", "[fail, diverge, crash, ok]").replace(
+        "images: [astronaut, chelsea]", "images: [astronaut]"))
+    out = run_study(spec, tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE)
+    assert out.exit_code == 1
+    by = {r.data.tags["variant"]: r for r in children(uri, "small")}
+    assert by["ok"].info.status == "FINISHED"
+    assert by["fail"].info.status == "FAILED"
+    assert by["fail"].data.tags["error"] == "fake setting failed on purpose (fix: nothing to fix)"
+    assert by["diverge"].info.status == "FAILED" and by["diverge"].data.tags["failed_step"] == "3"
+    assert by["crash"].info.status == "FAILED" and "RuntimeError: unexpected bug" in by["crash"].data.tags["error"]
+    assert "error.txt" in {a.path for a in client(uri).list_artifacts(by["crash"].info.run_id)}
+    assert client(uri).get_run(out.parent_run_id).info.status == "FINISHED"
+    statuses = {r["variant"]: r["status"] for r in out.rows}
+    assert statuses == {"fail": "FAILED", "diverge": "FAILED", "crash": "FAILED", "ok": "FINISHED"}
+    assert "FAILED" in out.csv_path.read_text()
+
+
+def test_ctrl_c_kills_child_and_parent_and_rerun_completes(tmp_path, uri, monkeypatch):
+    spec = write(tmp_path, SMALL.replace("[alpha, beta]", "[alpha, beta, gamma]").replace(
+        "images: [astronaut, chelsea]", "images: [astronaut]"))
+    kw = dict(tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE)
+    monkeypatch.setenv("FAKE_INTERRUPT_AT", "beta")
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, **kw)
+    by = {r.data.tags["variant"]: r for r in children(uri, "small")}
+    assert set(by) == {"alpha", "beta"}  # gamma never started
+    assert by["alpha"].info.status == "FINISHED" and by["beta"].info.status == "KILLED"
+    (parent,) = parents(uri, "small")
+    assert parent.info.status == "KILLED"
+    summary = json.loads((tmp_path / "out" / "small" / "summary.json").read_text())
+    assert [r["status"] for r in summary["rows"]] == ["FINISHED", "KILLED", "PENDING"]
+    monkeypatch.delenv("FAKE_INTERRUPT_AT")
+    CALLS.clear()
+    out = run_study(spec, **kw)
+    assert out.exit_code == 0 and len(CALLS) == 2
+    finished = [r for r in children(uri, "small") if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["variant"] for r in finished) == ["alpha", "beta", "gamma"]
+    assert all(r.info.status in ("FINISHED", "KILLED", "FAILED") for r in children(uri, "small"))
+
+
+def test_sigterm_kills_child_and_parent(tmp_path):
+    """A real SIGTERM to a study process: child and parent KILLED, exit 130, a re-run finishes."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = write(tmp_path, SMALL.replace("[alpha, beta]", "[alpha, beta, gamma]").replace(
+        "images: [astronaut, chelsea]", "images: [astronaut]"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_SLEEP_AT": "beta"}
+    client(uri).search_experiments()  # create the store first: two processes migrating one sqlite file race
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "suite.cli", "study", str(spec), "--tracking-uri", uri, "--out",
+         str(tmp_path / "out"), "--runner", FAKE], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            running = [r for r in children(uri, "small") if r.data.tags.get("variant") == "beta"]
+            if running and running[0].info.status == "RUNNING":
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("beta never started")
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    by = {r.data.tags["variant"]: r for r in children(uri, "small")}
+    assert by["alpha"].info.status == "FINISHED"
+    assert by["beta"].info.status == "KILLED" and by["beta"].data.tags["error"] == "terminated (SIGTERM)"
+    assert "gamma" not in by
+    assert parents(uri, "small")[0].info.status == "KILLED"
+    out = run_study(spec, tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE)
+    assert out.counts == {"FINISHED": 3}
+    finished = [r for r in children(uri, "small") if r.info.status == "FINISHED"]
+    assert len(finished) == 3
+
+
+def test_slurm_needs_http_tracking_and_sbatch(tmp_path, uri):
+    from suite.executors import check_tracking, plan
+    from suite.study import ExecutorBlock
+
+    if not any((Path(d) / "sbatch").exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
+        with pytest.raises(GistressError, match="no sbatch"):
+            plan("slurm")
+    block = ExecutorBlock(slurm_partition="gpu", gpus_per_node=1, timeout_min=90, slurm_array_parallelism=4)
+    from suite.executors import Plan, slurm_parameters
+
+    params = slurm_parameters({**block.model_dump(exclude_none=True), "timeout_min": 30})
+    assert params["slurm_partition"] == "gpu" and params["timeout_min"] == 30 and params["nodes"] == 1
+    import submitit
+
+    # submitit validates slurm parameter names even off-cluster: a misspelt one would raise here
+    submitit.AutoExecutor(folder=str(tmp_path / "sub"), cluster="debug").update_parameters(**params)
+    with pytest.raises(GistressError, match="http tracking server"):
+        check_tracking(Plan(kind="slurm", cluster="slurm", parameters=params), uri)
+    check_tracking(Plan(kind="slurm", cluster="slurm"), "http://127.0.0.1:5000")  # fine
+    with pytest.raises(GistressError, match="unknown executor 'slrum'.*slurm"):
+        plan("slrum")
+    with pytest.raises(GistressError, match="--workers 0"):
+        plan("local", workers=0)
+
+
+def test_ui_command(tmp_path, capsys):
+    from suite.commands import ui
+
+    argv = ui.server_argv(f"sqlite:///{tmp_path / 'mlflow.db'}", port=5123)
+    assert argv[1:4] == ["-m", "mlflow", "server"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
+    assert "--allowed-hosts" not in argv
+    args = argparse.Namespace(port=5000, host="127.0.0.1", tracking_uri="http://10.0.0.1:5000")
+    assert ui.run(args) == 0 and "already a server: open http://10.0.0.1:5000" in capsys.readouterr().out
+    args.tracking_uri = f"sqlite:///{tmp_path / 'none.db'}"
+    with pytest.raises(GistressError, match="no MLflow database"):
+        ui.run(args)
+
+
+def test_figure_with_failed_and_pending_rows(tmp_path):
+    from suite.figures import study_figure, summary_records
+
+    png = tmp_path / "t.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(png)
+    rows = [
+        {"row_label": "a seed=0", "image": "x", "status": "FINISHED", "metrics": {"psnr": 20.0, "lpips": 0.05},
+         "artifacts": {"target": str(png), "reconstruction": str(png)}, "axes": {"bn": "train"}, "seed": 0,
+         "variant": "a", "run_id": "r1"},
+        {"row_label": "b seed=0", "image": "x", "status": "FAILED", "metrics": {}, "artifacts": {},
+         "axes": {"bn": "eval"}, "seed": 0, "variant": "b", "error": "boom"},
+        {"row_label": "b seed=0", "image": "y", "status": "PENDING", "metrics": {}, "artifacts": {},
+         "axes": {"bn": "eval"}, "seed": 0, "variant": "b"},
+    ]
+    path = study_figure(rows, tmp_path / "f.png", title="t")
+    assert path.is_file()
+    recs = summary_records(rows)
+    assert recs[0]["lpips"] == "0.050" and recs[1]["lpips"] == "" and recs[1]["error"] == "boom"
+    assert recs[0]["bn"] == "train" and recs[0]["control_psnr"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# scale-out: submitit LocalExecutor workers logging to a real mlflow server
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 (tmp store), stopped afterwards."""
+    import urllib.request
+
+    from suite.commands.ui import server_argv
+
+    port = _free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    log = (store / "server.log").open("w")
+    proc = subprocess.Popen(server_argv(f"sqlite:///{store / 'mlflow.db'}", port=port), cwd=store,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail("mlflow server did not start: " + (store / "server.log").read_text()[-2000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group we started (server + its workers)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+
+
+@pytest.mark.slow
+def test_submitit_local_workers_log_to_one_server(tmp_path, mlflow_server, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    spec = write(tmp_path, SMALL.replace("[alpha, beta]", "[alpha, beta, fail]").replace(
+        "images: [astronaut, chelsea]", "images: [astronaut]"))
+    out = run_study(spec, profile="smoke", executor="local", workers=2, tracking_uri=mlflow_server,
+                    out_root=tmp_path / "out", runner=FAKE)
+    assert (tmp_path / "out" / "small" / "submitit").is_dir()  # really went through submitit
+    c = client(mlflow_server)
+    assert c.get_run(out.parent_run_id).info.status == "FINISHED"
+    by = {r.data.tags["variant"]: r for r in children(mlflow_server, "small")}
+    assert by["alpha"].info.status == "FINISHED" and by["beta"].info.status == "FINISHED"
+    assert by["fail"].info.status == "FAILED" and "on purpose" in by["fail"].data.tags["error"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in by.values()} == {out.parent_run_id}
+    assert {r["status"] for r in out.rows} == {"FINISHED", "FAILED"} and out.exit_code == 1
+    run = c.get_run(by["alpha"].info.run_id)
+    assert run.data.metrics["psnr"] > 0 and run.data.params["variant"] == "alpha"
+    assert "images" in {a.path for a in c.list_artifacts(run.info.run_id)}
+    # steps logged from the worker process
+    steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "matching_loss"))
+    assert steps == [0, 2]  # step 0 from on_step (iterations=2, log_every=2), final value at step 2
+    # resume through the server: nothing finished re-runs
+    again = run_study(spec, profile="smoke", executor="local", workers=2, tracking_uri=mlflow_server,
+                      out_root=tmp_path / "out", runner=FAKE)
+    assert sum(r["reused"] for r in again.rows) == 2
+    finished = [r for r in children(mlflow_server, "small") if r.info.status == "FINISHED"]
+    assert len(finished) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped specs, and the real runner end to end
+# ---------------------------------------------------------------------------------------------
+
+SPECS = sorted((REPO / "runs").glob("*.yaml"))
+RUNNER_EXISTS = (REPO / "suite" / "runner.py").exists()
+
+
+def test_shipped_specs_exist():
+    names = {p.name for p in SPECS}
+    assert {"quickstart.yaml", "fig1_modern_224.yaml", "fig2_resnet_bn.yaml", "fig4_noisy_init.yaml",
+            "fig5_yolo.yaml", "dlg_lenet.yaml", "microdesign_convnet.yaml", "skip_cuts_resnet.yaml"} <= names
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[p.stem for p in SPECS])
+def test_shipped_spec_is_valid_with_smoke_and_paper(spec):
+    text = spec.read_text()
+    assert text.startswith("#"), "each spec starts with a comment naming its figure/table"
+    parsed = parse_spec(text, str(spec))
+    assert {"smoke", "paper"} <= set(parsed.profiles)
+    smoke = expand_settings(parsed, "smoke")
+    paper = expand_settings(parsed, "paper")
+    assert 1 <= len(smoke) <= 16
+    assert len(paper) >= len(smoke)
+    assert len({s.seed for s in smoke}) == 1 and len({s.image for s in smoke}) <= 2
+    assert all(s.config.attack.iterations <= 60 for s in smoke)
+    assert max(s.config.attack.iterations for s in paper) >= 300
+
+
+@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/runner.py not written yet")
+def test_real_runner_tiny_setting_end_to_end(tmp_path, uri):
+    spec = write(tmp_path, """
+name: tiny_real
+base:
+  variant: lenet
+  size: 32
+  attack: {preset: dlg, iterations: 5, log_every: 2}
+images: [astronaut]
+""")
+    out = run_study(spec, tracking_uri=uri, out_root=tmp_path / "out")
+    assert out.counts == {"FINISHED": 1}, out.rows
+    (kid,) = children(uri, "tiny_real")
+    c = client(uri)
+    assert kid.info.status == "FINISHED" and "psnr" in kid.data.metrics
+    assert len(c.get_metric_history(kid.info.run_id, "matching_loss")) >= 2
+    images = {Path(a.path).name for a in c.list_artifacts(kid.info.run_id, "images")}
+    assert {"target.png", "reconstruction.png"} <= images
+    assert out.figure_path.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/runner.py not written yet")
+@pytest.mark.parametrize("spec", SPECS, ids=[p.stem for p in SPECS])
+def test_shipped_spec_smoke_profile_runs(spec, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_study(spec, profile="smoke", tracking_uri=uri, out_root=tmp_path / "out")
+    bad = [(r["name"], r["status"], r.get("error")) for r in out.rows if r["status"] != "FINISHED"]
+    assert not bad
+    assert out.figure_path is not None and out.figure_path.is_file()
