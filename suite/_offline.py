@@ -12,6 +12,8 @@ OFFLINE_DEFAULTS: dict[str, str] = {
     # ultralytics: no update checks, no font/asset downloads, no hub calls
     "YOLO_OFFLINE": "1",
     "YOLO_VERBOSE": "False",
+    # ultralytics: never pip-install a missing package into the user's environment
+    "YOLO_AUTOINSTALL": "False",
     # MLflow: no usage telemetry
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",

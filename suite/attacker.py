@@ -98,8 +98,18 @@ class Attacker:
                       if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             after = [(n, obs.running_after[n + ".running_mean"], obs.running_after[n + ".running_var"])
                      for n, _, _ in before]
-            counts = count_per_channel(self.model, (obs.batch_size, 3, *obs.image_size))
             momentum = threat.bn_momentum or bn_momentum(self.model_for_momentum)
+            rows = obs.batch_size
+            if threat.update == "fedavg" and obs.training is not None:
+                # K local forwards moved the buffers K times: after = (1-m)^K before + the
+                # m(1-m)^(K-1-k)-weighted batch statistics of step k. With the training known,
+                # invert all K at once (effective momentum 1-(1-m)^K), which yields their
+                # weighted mean: exact when every step sees the same statistics, approximate when
+                # the weights drift or the mini-batches differ. Unknown training: one step assumed.
+                steps = len(local_schedule(obs.batch_size, threat))
+                momentum = 1.0 - (1.0 - momentum) ** steps
+                rows = min(obs.training["local_batch_size"] or rows, rows)
+            counts = count_per_channel(self.model, (rows, 3, *obs.image_size))
             rec = recover_batch_stats(before, after, momentum, counts)
             stats = [(m.to(self.device), v.to(self.device)) for _, m, v in rec]
         # Shared statistics feed the BN prior only. Normalizing the candidate with them in eval
@@ -129,8 +139,29 @@ class Attacker:
         gen = torch.Generator().manual_seed(self.seed + 99)
         dummies = torch.rand((obs.batch_size, 3, *obs.image_size), generator=gen).to(self.device)
         probs = estimate_mean_probs(self.model, dummies, train=obs.threat.bn_mode == "train")
+        b_grad = self._bias_in_gradient_units(b_grad, probs)
         self.inferred_labels = infer_labels(w_grad, b_grad, obs.batch_size, mean_probs=probs).to(self.device)
         return ClassificationLoss(labels=self.inferred_labels)
+
+    def _bias_in_gradient_units(self, b_grad: torch.Tensor | None, probs: torch.Tensor) -> torch.Tensor | None:
+        """A FedAvg delta's last-layer bias on the scale of one mean-reduced gradient.
+
+        Label counting reads dL/db_c = pbar_c - n_c/B; FedAvg shares theta_before - theta_after,
+        about lr * K times that. With the training known, divide by lr * K (exact for K = 1; for
+        more steps it assumes each sample is visited equally often and the softmax moves little).
+        Without it, the absent classes fix the scale: there the entry is s * pbar_c > 0, the
+        estimate ``suite.labels`` already applies to weight rows. Weight rows (no bias) are
+        rescaled inside ``infer_labels``.
+        """
+        obs = self.obs
+        if obs.threat.update != "fedavg" or b_grad is None:
+            return b_grad
+        if obs.training is not None:
+            return b_grad / (obs.training["local_lr"] * len(local_schedule(obs.batch_size, obs.threat)))
+        pos = b_grad > 0
+        if not bool(pos.any()):
+            return b_grad  # infer_labels reports that no label can be counted
+        return b_grad * (probs[pos].sum() / b_grad[pos].double().sum()).to(b_grad.dtype)
 
     def _last_layer_grads(self):
         nc = self.variant.num_classes
@@ -274,10 +305,9 @@ class Attacker:
             if spec.clamp:
                 with torch.no_grad():
                     x.clamp_(0, 1)
+            _check_finite(step, last_parts, x)  # every step: the reported step is where it happened
             if step % spec.log_every == 0 or step == iters - 1:
                 record = {k: float(v.detach()) for k, v in last_parts.items()}
-                if not all(math.isfinite(v) for v in record.values()) or not torch.isfinite(x).all():
-                    raise DivergenceError(f"non-finite matching loss or image at step {step}", step=step)
                 record["step"] = step
                 if callback is not None:
                     extra_metrics = callback(step, record, x.detach())
@@ -285,3 +315,19 @@ class Attacker:
                         record.update(extra_metrics)
                 history.append(record)
         return x, history, loss_fn
+
+
+def _check_finite(step: int, parts: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """Raise DivergenceError naming what went NaN/inf (loss terms, image) at ``step``.
+
+    One device sync per step: the common case checks a single stacked tensor.
+    """
+    values = [v.detach().float().reshape(()) for v in parts.values()]
+    losses_ok = not values or bool(torch.isfinite(torch.stack(values)).all())
+    if losses_ok and bool(torch.isfinite(x).all()):
+        return
+    bad = [f"{k}={float(v):g}" for k, v in zip(parts, values) if not math.isfinite(float(v))]
+    pixels = int((~torch.isfinite(x.detach())).sum())
+    if pixels:
+        bad.append(f"{pixels} image value(s) NaN/inf")
+    raise DivergenceError(f"the attack diverged at step {step}: {', '.join(bad)}", step=step)

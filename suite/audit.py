@@ -665,8 +665,14 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
             except KeyboardInterrupt:
                 result.interrupted = True
                 done = {o.number for o in outcomes}
-                outcomes.extend(LevelOutcome(n, lv, "NOT RUN") for n, lv in enumerate(BATTERY, start=1)
-                                if n not in done)
+                for n, lv in enumerate(BATTERY, start=1):
+                    if n in done:
+                        continue
+                    if n in skipped:
+                        outcomes.append(LevelOutcome(n, lv, "SKIPPED", error=skipped[n]))
+                    else:
+                        outcomes.append(LevelOutcome(n, lv, "NOT RUN", assumption_level=planned[n].assumption_level,
+                                                     upper_bound=planned[n].config.threat.upper_bound))
                 raise
             finally:
                 outcomes.sort(key=lambda o: o.number)
@@ -770,8 +776,9 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
             outcome.status = "FINISHED"
             outcome.seconds = time.perf_counter() - t0
             _log_level(client, run_id, outcome, pl)
-    except (KeyboardInterrupt, SystemExit):
-        outcome.status, outcome.error = "KILLED", "interrupted"
+    except (KeyboardInterrupt, SystemExit) as exc:
+        outcome.status = "KILLED"
+        outcome.error = "terminated (SIGTERM)" if isinstance(exc, tracking.Terminated) else "interrupted"
         outcome.seconds = time.perf_counter() - t0
         raise
     except Exception as exc:
@@ -1057,7 +1064,7 @@ def level_figure(outcomes: list[LevelOutcome], path: Path, *, title: str = "") -
     ncols = per * max(len(p) for _, p in rows)
     cell = 1.7
     label_w = 1.8
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(label_w + cell * ncols, 0.5 + (cell + 0.5) * len(rows)),
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(label_w + cell * ncols, 0.8 + (cell + 0.5) * len(rows)),
                              squeeze=False)
     for i, (o, picks) in enumerate(rows):
         for j in range(ncols):
@@ -1088,8 +1095,10 @@ def level_figure(outcomes: list[LevelOutcome], path: Path, *, title: str = "") -
                 ax.set_ylabel(f"{o.number}. {o.level.key}", fontsize=8, rotation=0, ha="right", va="center",
                               labelpad=6)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=label_w / (label_w + cell * ncols), right=0.99, wspace=0.05, hspace=0.45)
+        fig.suptitle(title, fontsize=10, y=1 - 0.15 / fig.get_figheight())
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=label_w / (label_w + cell * ncols), right=0.99, top=1 - 0.75 / height,
+                        bottom=0.1 / height, wspace=0.05, hspace=0.45)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -15,9 +15,18 @@ import suite  # noqa: F401  (offline defaults first)
 COMMANDS = ("doctor", "variants", "attack", "study", "audit", "ui")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the suite's error format: one ``error: ...`` line (exit 2), no usage block."""
+
+    def error(self, message: str):
+        """Print the problem and where the valid flags are listed, then exit 2."""
+        text = " ".join(f"{message} (fix: see `{self.prog} --help`)".split())
+        self.exit(2, f"error: {text}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(prog="gistress", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gistress", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"gistress {suite.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -31,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = module.add_parser(sub)
         # --debug is accepted before or after the subcommand
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _parser=p)
     return parser
 
 
@@ -40,10 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     from suite.errors import GistressError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, with the nearest flag it knows
+        from suite.errors import close_matches
+
+        target = getattr(args, "_parser", parser)
+        flags = [o for action in target._actions for o in action.option_strings]
+        word = next((e for e in extra if e.startswith("-")), extra[0]).split("=")[0]
+        near = close_matches(word, flags, n=1)
+        target.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {near}?)" if near else ""))
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from suite.study import _install_sigterm
+
+    restore = _install_sigterm()  # SIGTERM ends runs KILLED, exactly like Ctrl-C
     try:
         return int(args._run(args) or 0)
     except GistressError as exc:
@@ -54,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,12 +23,22 @@ StepHook = Callable[[int, dict[str, float]], None]
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; an explicit CUDA request without one fails."""
+    """``auto`` picks CUDA when available, else CPU; an explicit CUDA request without one fails,
+    and so does a device string torch does not know or a GPU index the machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GistressError(f"device {device} requested but CUDA is not available", "use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GistressError(f"unknown device '{device}'", "use --device auto, cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GistressError(f"device {device} requested but CUDA is not available", "use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise GistressError(f"device {device} requested but this machine has {count} GPU(s)",
+                                f"use --device cuda:0 .. cuda:{count - 1}, or set CUDA_VISIBLE_DEVICES")
+    return dev
 
 
 def _has_bn(model: torch.nn.Module) -> bool:
@@ -86,18 +98,45 @@ def make_inits(cfg: RunConfig, variant, batch) -> list[torch.Tensor] | None:
     return None
 
 
+@dataclass
+class Prepared:
+    """A setting's inputs, read and checked: what ``prepare_setting`` returns."""
+
+    device: torch.device
+    variant: Any
+    batch: Any
+    calibrated_on: str | None
+    started: float  # perf_counter() when preparation began (the run's ``seconds`` count from it)
+
+
+def prepare_setting(cfg: RunConfig) -> Prepared:
+    """Read and check everything the user pointed at (device, variant and weights, data).
+
+    Every bad input surfaces here as a GistressError, before an attack starts: callers that
+    open an MLflow run or an output folder call this first, so that a bad input leaves neither.
+    """
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    variant, batch, calibrated_on = build_and_load(cfg)
+    return Prepared(device=device, variant=variant, batch=batch, calibrated_on=calibrated_on, started=t0)
+
+
 def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
-                on_step: StepHook | None = None) -> RunResult:
-    """Run one setting and write its artifacts into ``out_dir``; returns the RunResult."""
+                on_step: StepHook | None = None, prepared: Prepared | None = None) -> RunResult:
+    """Run one setting and write its artifacts into ``out_dir``; returns the RunResult.
+
+    ``prepared``: the output of ``prepare_setting(cfg)`` when the caller checked the inputs
+    first (the result is the same either way).
+    """
     from suite.attacker import Attacker
     from suite.client import Client
     from suite.metrics import psnr_per_sample, score, wsrr
 
-    t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    variant, batch, calibrated_on = build_and_load(cfg)
+    prepared = prepared if prepared is not None else prepare_setting(cfg)
+    t0 = prepared.started
+    device, variant, batch, calibrated_on = prepared.device, prepared.variant, prepared.batch, prepared.calibrated_on
     variant.model.to(device)
     target = batch.to(device)
 

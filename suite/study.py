@@ -709,6 +709,8 @@ def run_study(
                   file=out)
         return outcome
 
+    if runner == DEFAULT_RUNNER:
+        check_variants(settings, spec.source)
     plan = executors.plan(executor, workers=workers, spec_block=spec.executor, options=executor_options)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
@@ -781,6 +783,30 @@ def run_study(
         restore()
     _report(outcome, out, json_out)
     return outcome
+
+
+def check_variants(settings: Sequence[Setting], source: str) -> None:
+    """Unknown variant names, variant options and weights specs fail before anything runs.
+
+    Cheap registry checks (nothing is built); ``timm:``/``torchvision:`` names are left to the
+    runner. Without this a misspelt variant would surface hours into a study as a FAILED child.
+    """
+    from variants.base import check_options, lookup
+    from variants.weights import check_weights_spec
+
+    seen: set[str] = set()
+    for s in settings:
+        cfg = s.config
+        key = json.dumps([cfg.variant, sorted(cfg.variant_options), cfg.weights])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_weights_spec(cfg.weights)
+            if not cfg.variant.startswith(("timm:", "torchvision:")):
+                check_options(cfg.variant, lookup(cfg.variant).builder, cfg.variant_options)
+        except GistressError as exc:
+            raise GistressError(f"setting {s.index + 1} ({s.name}) of {source}: {exc.message}", exc.hint) from None
 
 
 def _progress_line(n: int, total: int, row: dict) -> str:

@@ -148,8 +148,12 @@ def summary_table(result) -> str:
 
 
 def run(args) -> int:
-    """Run the attack, log it and print the table."""
-    from suite.runner import run_setting
+    """Run the attack, log it and print the table.
+
+    Inputs are checked before anything is written: a bad flag, checkpoint, image or tracking URI
+    leaves no MLflow run and no output folder (the folder is written once the attack is done).
+    """
+    from suite.runner import prepare_setting, run_setting
 
     cfg = config_from_args(args)
     out = Path(args.out or f"gistress-out/attack-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -161,8 +165,10 @@ def run(args) -> int:
 
         uri = resolve_tracking_uri(args.tracking_uri)
         check_reachable(uri)
+        prepared = prepare_setting(cfg)
         with setting_run(cfg, experiment=args.experiment, tracking_uri=uri) as tr:
-            result = run_setting(cfg, out_dir=out, progress=not args.quiet, on_step=tr.log_step)
+            result = run_setting(cfg, out_dir=out, progress=not args.quiet, on_step=tr.log_step,
+                                 prepared=prepared)
             tr.log_result(result)
             run_id = tr.run_id
     print(summary_table(result))

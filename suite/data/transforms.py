@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def open_image(path: str | Path) -> Image.Image:
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as img:
+        with _pil_open()(path) as img:
             img.load()
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -37,6 +38,18 @@ def open_image(path: str | Path) -> Image.Image:
         ) from err
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _pil_open():
+    """PIL's own ``Image.open``.
+
+    Importing ultralytics replaces ``PIL.Image.open`` with a wrapper that answers a file PIL cannot
+    identify by trying to pip-install a HEIF plugin, then raises ModuleNotFoundError when it is
+    not there; a non-image file must stay a one-line "cannot read image" error instead.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    return original if callable(original) else Image.open
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
