@@ -30,16 +30,15 @@ def noisy_target(images: torch.Tensor, normalization, *, p: float | None, sigma:
 
 def from_file(path: str, batch_size: int, size: tuple[int, int]) -> torch.Tensor:
     """A start image read from ``path``, resized to ``size`` and repeated over the batch."""
-    from PIL import Image, UnidentifiedImageError
+    from suite.data.transforms import open_image
 
     file = Path(path)
     if not file.is_file():
         raise GistressError(f"init file {path} does not exist", "pass an existing image file")
     try:
-        with Image.open(file) as im:
-            im = im.convert("RGB").resize((size[1], size[0]))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise GistressError(f"init file {path} is not a readable image ({exc})", "pass a PNG or JPEG") from None
+        im = open_image(file).resize((size[1], size[0]))  # the suite's reader: corrupt files fail cleanly
+    except GistressError as exc:
+        raise GistressError(f"init file {path} is not a readable image ({exc.message})", "pass a PNG or JPEG") from None
     import numpy as np
 
     x = torch.from_numpy(np.asarray(im, dtype="float32") / 255.0).permute(2, 0, 1)

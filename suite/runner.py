@@ -106,6 +106,7 @@ class Prepared:
     variant: Any
     batch: Any
     calibrated_on: str | None
+    inits: list[torch.Tensor] | None  # explicit starts (noisy target, file); None: seeded random
     started: float  # perf_counter() when preparation began (the run's ``seconds`` count from it)
 
 
@@ -115,11 +116,17 @@ def prepare_setting(cfg: RunConfig) -> Prepared:
     Every bad input surfaces here as a GistressError, before an attack starts: callers that
     open an MLflow run or an output folder call this first, so that a bad input leaves neither.
     """
+    from suite.client import Client
+
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     variant, batch, calibrated_on = build_and_load(cfg)
-    return Prepared(device=device, variant=variant, batch=batch, calibrated_on=calibrated_on, started=t0)
+    # the threat model against this batch (labels in range, boxes shared for detection)
+    Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes)._validate(batch)
+    inits = make_inits(cfg, variant, batch)  # reads --init-file; seeded, no global RNG
+    return Prepared(device=device, variant=variant, batch=batch, calibrated_on=calibrated_on, inits=inits,
+                    started=t0)
 
 
 def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
@@ -143,7 +150,7 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     client = Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes, seed=cfg.seed)
     obs = client.share(target)
     attacker = Attacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
-    inits = make_inits(cfg, variant, batch)
+    inits = prepared.inits
 
     bar = _progress(cfg, progress)
 

@@ -45,16 +45,15 @@ class ThreatModel(BaseModel):
     @field_validator("defense")
     @classmethod
     def _check_defense(cls, v: str) -> str:
-        kind = v.split(":", 1)[0]
-        if kind not in DEFENSES:
-            from suite.errors import close_matches
+        # the full check (kind and parameter range) here, so a bad defense fails with the config,
+        # before any model is built or any MLflow run exists
+        from suite.defenses import parse_defense
+        from suite.errors import GistressError
 
-            near = close_matches(kind, DEFENSES)
-            raise ValueError(
-                f"unknown defense '{v}'"
-                + (f"; did you mean {near}?" if near else "")
-                + " (qsgd:<bits>, sign, topk:<keep fraction>, clip:<bound>, noise:<sigma>, none)"
-            )
+        try:
+            parse_defense(v)
+        except GistressError as exc:
+            raise ValueError(f"{exc.message}; {exc.hint}" if exc.hint else exc.message) from None
         return v
 
     def assumption_level(self, uses_bn_prior: bool = False, uses_tv: bool = False) -> int:

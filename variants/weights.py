@@ -110,8 +110,8 @@ def _load_timm(net: nn.Module, ident: str, num_classes: int) -> None:
             raise GistressError(
                 f"pretrained weights for timm:{ident} (Hugging Face repo {repo}) are not in the "
                 f"Hugging Face cache {cache_dir} and HF_HUB_OFFLINE is set",
-                f"where there is network run `huggingface-cli download {repo}` with "
-                f"HF_HUB_CACHE={cache_dir} and copy that folder here, or use weights=file:<path>",
+                f"where there is network run `hf download {repo} --cache-dir {cache_dir}` "
+                "and copy that folder here, or use weights=file:<path>",
             )
     elif cfg.url:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))

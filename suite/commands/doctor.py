@@ -23,6 +23,7 @@ def report(tracking_uri: str | None = None) -> dict:
     import suite
     from suite.metrics import lpips_status
     from suite.tracking import resolve_tracking_uri
+    from variants.weights import hf_cache_dir
 
     versions = {"gistress": suite.__version__}
     for pkg in ("torch", "torchvision", "timm", "ultralytics", "mlflow", "lpips", "pycocotools", "pydantic"):
@@ -49,6 +50,7 @@ def report(tracking_uri: str | None = None) -> dict:
             "torch_hub_checkpoints": ckpts,
             "torchvision_weights_present": cached,
             "huggingface_home": hf_home,
+            "huggingface_hub_cache": hf_cache_dir(),  # where timm's pretrained files must be
             "lpips_backbone": "present" if lp_ok else "missing",
             "lpips_detail": lp_msg,
         },
@@ -71,6 +73,6 @@ def run(args) -> int:
     c = info["caches"]
     present = ", ".join(c["torchvision_weights_present"]) or "none"
     print(f"  weights  : torch hub {c['torch_hub_checkpoints']} -> {present}")
-    print(f"             huggingface cache {c['huggingface_home']}")
+    print(f"             huggingface hub cache {c['huggingface_hub_cache']} (timm weights)")
     print(f"  lpips    : {c['lpips_backbone']} ({c['lpips_detail']})")
     return 0
