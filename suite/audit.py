@@ -266,11 +266,10 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     skipped: list[tuple[int, ThreatLevel, str]] = []
     for number, lv in enumerate(BATTERY, start=1):
         if lv.bn_only and not has_bn:
-            skipped.append((number, lv, "the model has no BatchNorm layers"))
+            skipped.append((number, lv, "no BatchNorm layers"))
             continue
         if lv.classification_only and task != "classification":
-            skipped.append((number, lv, "detection: the attack needs the boxes and classes, so labels "
-                                        "are shared at every level"))
+            skipped.append((number, lv, "detection: boxes and classes are always shared"))
             continue
         levels.append(_plan_level(number, lv, base, b, images, size, has_bn, iterations))
     if task == "detection":
@@ -525,12 +524,14 @@ def conclusion(plan: AuditPlan, outcomes: list[LevelOutcome]) -> str:
     finished = [o for o in outcomes if o.status == "FINISHED"]
     leaking = [o for o in finished if o.leaked]
     rule = _rule_text(outcomes)
+    budget = f"the {plan.budget.name} budget" + (
+        f" overridden to {plan.iterations_override} iteration(s)" if plan.iterations_override else "")
     parts = []
     if not finished:
         parts.append("No threat level finished, so this audit gives no verdict.")
     elif not leaking:
         parts.append(f"No level leaked: under none of the {len(finished)} threat levels that ran did a "
-                     f"reconstruction meet the leak rule ({rule}) at the {plan.budget.name} budget.")
+                     f"reconstruction meet the leak rule ({rule}) at {budget}.")
     elif leaking[0].level.key == "realistic":
         o = leaking[0]
         parts.append(f"Leaks under the realistic setting (level 1): from one FedSGD gradient of a single "
@@ -802,7 +803,7 @@ def _log_client(client, run_id: str, i: int, image: str, res) -> None:
 
 
 def _log_level(client, run_id: str, o: LevelOutcome, pl: PlannedLevel) -> None:
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     from suite.tracking import _tag_value
 
@@ -821,8 +822,7 @@ def _log_level(client, run_id: str, o: LevelOutcome, pl: PlannedLevel) -> None:
     tags = dict(o.tags)
     tags.update(assumption_level=str(o.assumption_level), upper_bound=str(bool(o.upper_bound)).lower(),
                 leaked=str(bool(o.leaked)).lower())
-    for key, value in tags.items():
-        client.set_tag(run_id, key, _tag_value(value))
+    client.log_batch(run_id, tags=[RunTag(k, _tag_value(v)) for k, v in tags.items()])
     client.log_dict(run_id, {
         "images": [s.image for s in o.samples], "psnr": [s.psnr for s in o.samples],
         "ssim": [s.ssim for s in o.samples], "lpips": [s.lpips for s in o.samples],
@@ -1064,8 +1064,8 @@ def level_figure(outcomes: list[LevelOutcome], path: Path, *, title: str = "") -
     ncols = per * max(len(p) for _, p in rows)
     cell = 1.7
     label_w = 1.8
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(label_w + cell * ncols, 0.8 + (cell + 0.5) * len(rows)),
-                             squeeze=False)
+    height = (0.8 if title else 0.5) + (cell + 0.5) * len(rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(label_w + cell * ncols, height), squeeze=False)
     for i, (o, picks) in enumerate(rows):
         for j in range(ncols):
             ax = axes[i][j]
@@ -1096,8 +1096,7 @@ def level_figure(outcomes: list[LevelOutcome], path: Path, *, title: str = "") -
                               labelpad=6)
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.15 / fig.get_figheight())
-    height = fig.get_figheight()
-    fig.subplots_adjust(left=label_w / (label_w + cell * ncols), right=0.99, top=1 - 0.75 / height,
+    fig.subplots_adjust(left=label_w / (label_w + cell * ncols), right=0.99, top=1 - (0.75 if title else 0.45) / height,
                         bottom=0.1 / height, wspace=0.05, hspace=0.45)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

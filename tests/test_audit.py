@@ -19,13 +19,29 @@ HEADERS = [h for _, h in audit.COLUMNS]
 KEYS = [k for k, _ in audit.COLUMNS]
 
 
-def _last_json(capsys) -> dict:
-    out = capsys.readouterr().out.strip().splitlines()
-    return json.loads(out[-1])
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine a second thread mostly spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
-def _runs(workdir, parent_run_id):
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module's audits (creating a store costs seconds), in a temp dir."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _output(capsys) -> tuple[str, dict]:
+    """Everything printed, and the --json summary (the last line)."""
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+def _runs(store, parent_run_id):
+    client = MlflowClient(tracking_uri=store)
     parent = client.get_run(parent_run_id)
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
@@ -41,20 +57,25 @@ def _check_report_files(out):
         assert f"| {header} " in md or f"| {header} |" in md, header
         assert f"<th>{header}</th>" in html, header
     assert "data:image/png;base64," in html  # images embedded: the page stands alone
-    for line in md.splitlines():
-        if line.startswith("!["):
-            assert (out / line.split("](", 1)[1].rstrip(")")).is_file(), line
+    figures = [line for line in md.splitlines() if line.startswith("![")]
+    assert figures  # best and median reconstructions per level, beside the report
+    for line in figures:
+        assert (out / line.split("](", 1)[1].rstrip(")")).is_file(), line
     header_line = (out / "verdict.csv").read_text().splitlines()[0].split(",")
     assert header_line[: len(KEYS)] == KEYS
     return md, json.loads((out / "verdict.json").read_text())
 
 
-def test_classifier_quick_audit_runs_the_whole_battery(workdir, capsys):
+def test_classifier_quick_audit_runs_the_whole_battery(workdir, store, capsys):
     rc = main(["audit", "--variant", "resnet18", "--stem", "cifar", "--opt", "width=8", "--image", "astronaut",
-               "--level", "quick", "--iterations", "4", "--out", "out", "--json", "--quiet"])
-    summary = _last_json(capsys)
+               "--level", "quick", "--iterations", "4", "--out", "out", "--json", "--quiet", "--tracking-uri", store])
+    printed, summary = _output(capsys)
     assert rc == 0 and summary["exit_code"] == 0
     md, verdict = _check_report_files(workdir / "out")
+    lines = printed.splitlines()  # the verdict table the terminal shows: a header, a row per level
+    start = next(i for i, line in enumerate(lines) if line.startswith("#  threat level"))
+    assert [line.split()[0] for line in lines[start + 1 : start + 1 + len(audit.BATTERY)]] == \
+        [str(n) for n in range(1, len(audit.BATTERY) + 1)]
 
     # the verdict table: every battery level, in battery order, with every column
     assert verdict["columns"] == KEYS
@@ -75,7 +96,7 @@ def test_classifier_quick_audit_runs_the_whole_battery(workdir, capsys):
     assert verdict["iterations_override"] == 4 and verdict["budget"] == "quick"
 
     # MLflow: one parent, one FINISHED child per level, each with the level's threat model
-    client, parent, children = _runs(workdir, summary["parent_run_id"])
+    client, parent, children = _runs(store, summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["gistress.kind"] == "audit"
     assert len(children) == len(audit.BATTERY)
     assert {c.info.status for c in children} == {"FINISHED"}
@@ -92,10 +113,10 @@ def test_classifier_quick_audit_runs_the_whole_battery(workdir, capsys):
     assert {"report.md", "report.html", "verdict.json", "verdict.csv", "audit.png"} <= artifacts
 
 
-def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, capsys):
+def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, store, capsys):
     rc = main(["audit", "--variant", "yolov8n", "--image", "bus", "--size", "128", "--level", "quick",
-               "--iterations", "2", "--out", "out", "--json", "--quiet"])
-    summary = _last_json(capsys)
+               "--iterations", "2", "--out", "out", "--json", "--quiet", "--tracking-uri", store])
+    _, summary = _output(capsys)
     assert rc == 0
     md, verdict = _check_report_files(workdir / "out")
     rows = {r["key"]: r for r in verdict["rows"]}
@@ -105,7 +126,7 @@ def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, capsys):
     assert ran == ["realistic", "bn_running", "bn_eval", "fedavg", "strongest"]
     assert "boxes and classes are shared" in md
 
-    _, parent, children = _runs(workdir, summary["parent_run_id"])
+    _, parent, children = _runs(store, summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert len(children) == 5 and {c.info.status for c in children} == {"FINISHED"}
     grants = {c.data.params["audit_level"]: json.loads(c.data.tags["grants"]) for c in children}
@@ -162,9 +183,9 @@ def small_plan():
     return audit.plan_audit(base, "quick", iterations=2)
 
 
-def test_failing_level_is_failed_child_and_audit_goes_on(workdir, small_plan, capsys):
+def test_failing_level_is_failed_child_and_audit_goes_on(workdir, store, small_plan, capsys):
     runner = _fake_runner({"bn_eval": 25.0, "strongest": 30.0}, fail="fedavg")
-    result = audit.run_audit(small_plan, out_dir=workdir / "out", runner=runner)
+    result = audit.run_audit(small_plan, out_dir=workdir / "out", tracking_uri=store, runner=runner)
     assert result.exit_code == 1
     _, verdict = _check_report_files(workdir / "out")
     rows = {r["key"]: r for r in verdict["rows"]}
@@ -174,7 +195,7 @@ def test_failing_level_is_failed_child_and_audit_goes_on(workdir, small_plan, ca
     # the table shows the reason where the leak verdict would be
     assert "failed: RuntimeError: out of memory" in audit.format_table(verdict["rows"])
 
-    _, parent, children = _runs(workdir, result.parent_run_id)
+    _, parent, children = _runs(store, result.parent_run_id)
     status = {c.data.tags["audit.level"]: c.info.status for c in children}
     assert status.pop("fedavg") == "FAILED" and set(status.values()) == {"FINISHED"}
     failed = next(c for c in children if c.data.tags["audit.level"] == "fedavg")
@@ -187,14 +208,15 @@ def test_failing_level_is_failed_child_and_audit_goes_on(workdir, small_plan, ca
     assert "did not finish (fedavg)" in result.verdict
 
 
-def test_interrupted_audit_marks_runs_killed_and_writes_partial_report(workdir, small_plan):
+def test_interrupted_audit_marks_runs_killed_and_writes_partial_report(workdir, store, small_plan):
     with pytest.raises(KeyboardInterrupt):
-        audit.run_audit(small_plan, out_dir=workdir / "out", runner=_fake_runner({}, interrupt="bn_eval"))
+        audit.run_audit(small_plan, out_dir=workdir / "out", tracking_uri=store,
+                        runner=_fake_runner({}, interrupt="bn_eval"))
     verdict = json.loads((workdir / "out" / "verdict.json").read_text())
     status = {r["key"]: r["status"] for r in verdict["rows"]}
     assert status["realistic"] == "finished" and status["bn_eval"].startswith("killed")
     assert status["strongest"] == "not run (audit interrupted)"
-    _, parent, children = _runs(workdir, verdict["parent_run_id"])
+    _, parent, children = _runs(store, verdict["parent_run_id"])
     assert parent.info.status == "KILLED"
     assert {c.data.tags["audit.level"]: c.info.status for c in children}["bn_eval"] == "KILLED"
 
@@ -236,3 +258,23 @@ def test_bad_input_is_one_line_and_leaves_nothing(workdir, capsys, argv, message
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (workdir / "out").exists() and not (workdir / "gistress-out").exists()
     assert not (workdir / "mlflow.db").exists()  # no experiment, no parent run
+
+
+def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
+    plan = audit.plan_audit(RunConfig(variant="lenet", images=["astronaut", "coffee", "rocket"]), "quick")
+    assert [n for n, _, _ in plan.skipped] == [2, 3] and plan.size == 32
+    assert plan.images == ["astronaut", "coffee"]  # quick audits at most 2 images, and says so
+    assert any("at most 2 images: rocket not attacked" in n for n in plan.notes)
+    assert any("no BatchNorm" in n for n in plan.notes)
+    strongest = plan.levels[-1].config
+    assert (strongest.threat.bn_mode, strongest.threat.bn_stats) == ("train", "none")
+    assert (strongest.attack.preset, strongest.attack.restarts, strongest.attack.iterations) == ("gia_bn", 2, 100)
+    assert "2. bn_running: skipped (no BatchNorm layers)" in plan.battery_lines()
+
+    quick = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"]), "quick")
+    thorough = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"]), "thorough")
+    assert (quick.size, thorough.size) == (256, 640)
+    iters = {p.level.key: (p.config.attack.iterations, p.config.attack.restarts) for p in thorough.levels}
+    assert iters == {"realistic": (24000, 1), "bn_running": (10000, 1), "bn_eval": (24000, 1),
+                     "fedavg": (24000, 1), "strongest": (10000, 4)}
+    assert {p.level.key: p.config.weights for p in thorough.levels}["bn_eval"] == "calibrated"
