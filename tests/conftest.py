@@ -12,6 +12,13 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: the tests' tensors are tiny, and on a 2-core machine shared with worker
+# subprocesses (mlflow server, submitit workers) two OpenMP threads per process oversubscribe the
+# cores; measured 4-20x slower attack steps that way.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
