@@ -190,7 +190,9 @@ class Attacker:
                 loss = loss_fn(preds, idx)
                 grads = torch.autograd.grad(loss, list(cur.values()), create_graph=create_graph)
                 cur = {n: w - lr * g for (n, w), g in zip(cur.items(), grads)}
-            return [start[n] - cur[n] for n in self.names]
+            delta = [start[n] - cur[n] for n in self.names]
+            # like autograd.grad without create_graph: no graph back to the parameters
+            return delta if create_graph else [d.detach() for d in delta]
         loss = loss_fn(self.model(x))
         return list(torch.autograd.grad(loss, self.params, create_graph=create_graph))
 
