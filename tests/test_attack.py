@@ -106,15 +106,16 @@ def test_ig_attack_beats_random_init_and_prior_only_control_where_gradients_info
 def test_ig_on_cifar_resnet18_eval_mode_uses_the_gradient():
     """CIFAR-stem ResNet18, eval-mode BN on calibrated weights: the gradient term lowers the
     matching loss well below the prior-only control's. At this budget the PSNR does NOT beat
-    the control (measured: attack 9.5 dB, control 17.0 dB, init 11.0 dB): a randomly initialised
+    the control (measured at this budget: attack 11.2 dB, control 14.8 dB, init 11.0 dB; matching
+    loss 0.61 vs 0.73; docs/findings.md has longer budgets): a randomly initialised
     BN ResNet amplifies 1% input noise into a 15% logit change, so the cosine landscape is
     nearly flat away from the target. See the issue note; the finding matches the first paper's
     post-activation ResNet18 result."""
     cfg = RunConfig(variant="resnet18", variant_options=dict(stem="cifar", width=16), weights="calibrated",
                     images=["chelsea"], size=32, threat=ThreatModel(bn_mode="eval"),
-                    attack=AttackSpec(preset="ig", iterations=60, tv=0.05, control=True, log_every=30))
+                    attack=AttackSpec(preset="ig", iterations=60, lr=0.01, tv=0.05, control=True, log_every=30))
     m = _run(cfg).metrics
-    assert m["matching_loss"] < m["control_matching_loss"] - 0.03
+    assert m["matching_loss"] < m["control_matching_loss"] - 0.05
     assert all(k in m for k in ("psnr", "control_psnr", "init_psnr", "gain_psnr", "wsrr"))
 
 
