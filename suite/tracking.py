@@ -128,7 +128,9 @@ def experiment_id(client, name: str, *, create: bool = True) -> str | None:
     if not create:
         return None
     try:
-        return client.create_experiment(name, artifact_location=_local_artifact_root(client.tracking_uri, name))
+        # experimentKind: MLflow 3's UI then opens the runs table (model training), not GenAI views
+        return client.create_experiment(name, artifact_location=_local_artifact_root(client.tracking_uri, name),
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:
         # Another worker created it between our lookup and our create.
         exp = client.get_experiment_by_name(name)
