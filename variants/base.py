@@ -104,10 +104,13 @@ def register(name: str, task: Task, input_size: int, description: str = "", **de
 
 def entries() -> dict[str, VariantEntry]:
     """All registered variants, by name (families are imported on first use)."""
-    from variants import _load_families
+    from variants import _FAMILIES, _load_families
 
     _load_families()
-    return dict(_REGISTRY)
+    # family order, whatever order the family modules happened to be imported in
+    rank = {f"variants.{fam}": i for i, fam in enumerate(_FAMILIES)}
+    order = sorted(_REGISTRY.values(), key=lambda e: rank.get(e.builder.__module__, len(rank)))
+    return {e.name: e for e in order}
 
 
 def lookup(name: str) -> VariantEntry:
