@@ -46,6 +46,7 @@ from typing import Any
 
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
+from suite.results import jsonable
 
 # The realistic client every level starts from.
 REALISTIC = dict(bn_mode="train", update="gradient", shares_labels=True, bn_stats="none",
@@ -599,7 +600,7 @@ class AuditOutcome:
         """The machine-readable summary (``--json`` prints it as the last line)."""
         leaking = [o.level.key for o in self.outcomes if o.leaked]
         finished = any(o.status == "FINISHED" for o in self.outcomes)
-        return _jsonable({
+        return jsonable({
             "variant": self.plan.base.variant,
             "weights": self.plan.base.weights,
             "budget": self.plan.budget.name,
@@ -901,7 +902,7 @@ def write_report(result: AuditOutcome) -> dict[str, Path]:
     verdict = {**_meta(result), "verdict": result.verdict, "columns": [k for k, _ in COLUMNS],
                "headers": dict(COLUMNS), "rows": rows}
     json_path = out_dir / "verdict.json"
-    json_path.write_text(json.dumps(_jsonable(verdict), indent=2))
+    json_path.write_text(json.dumps(jsonable(verdict), indent=2))
     files["verdict.json"] = json_path
 
     blocks = report_blocks(result, rows)
@@ -1105,13 +1106,3 @@ def level_figure(outcomes: list[LevelOutcome], path: Path, *, title: str = "") -
     return path
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import signal
 import sys
 import threading
@@ -46,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 import suite
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
+from suite.results import jsonable
 
 DEFAULT_RUNNER = "suite.runner:run_setting"
 STUDY_KEYS = ("seeds", "images", "grid", "zip")  # keys of a profile / --set that are not RunConfig's
@@ -917,16 +917,6 @@ def _report(outcome: StudyOutcome, out, json_out: bool) -> None:
         ui = "gistress ui" if uri == resolve_tracking_uri(None) else f"gistress ui --tracking-uri {uri}"
         print(f"compare runs: `{ui}`, then open http://127.0.0.1:5000 (experiment '{outcome.study}')", file=out)
     if json_out:
-        print(json.dumps(_jsonable(outcome.to_json())), file=out)
+        print(json.dumps(jsonable(outcome.to_json())), file=out)
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

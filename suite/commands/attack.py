@@ -12,16 +12,7 @@ from suite.errors import GistressError
 def add_parser(sub):
     """Register the subcommand and its flags (threat model, attack recipe, data, output)."""
     p = sub.add_parser("attack", help="run one gradient-inversion attack")
-    g = p.add_argument_group("model")
-    g.add_argument("--variant", required=True, help="variant name, timm:<name> or torchvision:<name>")
-    g.add_argument("--stem", choices=["cifar", "imagenet"], help="ResNet/modern stem")
-    g.add_argument("--width", type=int, help="base width (ResNets, convnet)")
-    g.add_argument("--num-classes", type=int, help="classifier classes")
-    g.add_argument("--nc", type=int, help="YOLO classes")
-    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="any other variant option")
-    g.add_argument("--weights", default="random", help="random | calibrated | pretrained | file:<path>")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of the weights file (only for files you trust)")
+    add_model_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="samples",
                    help="samples | cifar10:<root> | imagefolder:<root> | coco:<images>:<annotations.json>")
@@ -66,6 +57,20 @@ def add_parser(sub):
     o.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def add_model_args(p) -> None:
+    """The model flags shared by ``attack`` and ``audit``."""
+    g = p.add_argument_group("model")
+    g.add_argument("--variant", required=True, help="variant name, timm:<name> or torchvision:<name>")
+    g.add_argument("--stem", choices=["cifar", "imagenet"], help="ResNet/modern stem")
+    g.add_argument("--width", type=int, help="base width (ResNets, convnet)")
+    g.add_argument("--num-classes", type=int, help="classifier classes")
+    g.add_argument("--nc", type=int, help="YOLO classes")
+    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="any other variant option")
+    g.add_argument("--weights", default="random", help="random | calibrated | pretrained | file:<path>")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full unpickling of the weights file (only for files you trust)")
 
 
 def _parse_value(text: str):

@@ -16,16 +16,9 @@ def add_parser(sub):
         "audit", help="leakage audit of one model: a battery of threat levels and a verdict",
         description="Attack the model under a fixed battery of threat levels (realistic to upper bound), "
                     "each a child of one MLflow run, and write a verdict report.")
-    g = p.add_argument_group("model")
-    g.add_argument("--variant", required=True, help="variant name, timm:<name> or torchvision:<name>")
-    g.add_argument("--stem", choices=["cifar", "imagenet"], help="ResNet/modern stem")
-    g.add_argument("--width", type=int, help="base width (ResNets, convnet)")
-    g.add_argument("--num-classes", type=int, help="classifier classes")
-    g.add_argument("--nc", type=int, help="YOLO classes")
-    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="any other variant option")
-    g.add_argument("--weights", default="random", help="random | calibrated | pretrained | file:<path>")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of the weights file (only for files you trust)")
+    from suite.commands.attack import add_model_args
+
+    add_model_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="samples",
                    help="samples | cifar10:<root> | imagefolder:<root> | coco:<images>:<annotations.json>")
