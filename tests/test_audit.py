@@ -19,14 +19,6 @@ HEADERS = [h for _, h in audit.COLUMNS]
 KEYS = [k for k, _ in audit.COLUMNS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine a second thread mostly spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
