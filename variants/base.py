@@ -73,6 +73,13 @@ class Variant:
         return z * std + mean
 
 
+def classifier(name: str, net: nn.Module, norm, input_size: int, num_classes: int, options: dict,
+               weights: str = "random") -> Variant:
+    """A classification Variant whose module normalizes ``[0, 1]`` input with ``norm`` inside."""
+    return Variant(name=name, model=Normalized(net, *norm), task="classification", input_size=input_size,
+                   normalization=norm, num_classes=num_classes, options=options, weights=weights)
+
+
 @dataclass(frozen=True)
 class VariantEntry:
     """A registry row: how to build a named variant and what to list about it."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from suite.errors import GistressError
-from variants.base import CIFAR_MEAN, CIFAR_STD, Normalized, Variant, register
+from variants.base import CIFAR_MEAN, CIFAR_STD, Variant, classifier, register
 from variants.resnet import check_choice, check_positive_int
 
 _ACTIVATIONS = {
@@ -115,12 +115,4 @@ def build_convnet(
         batchnorm=bool(batchnorm),
         pretrained_source=None,
     )
-    return Variant(
-        name=name,
-        model=Normalized(net, *norm),
-        task="classification",
-        input_size=INPUT_SIZE,
-        normalization=norm,
-        num_classes=num_classes,
-        options=options,
-    )
+    return classifier(name, net, norm, INPUT_SIZE, num_classes, options)

@@ -7,7 +7,7 @@ wrapped so that it takes [0, 1] images like every other classification variant.
 from __future__ import annotations
 
 from suite.errors import GistressError, close_matches
-from variants.base import IMAGENET_MEAN, IMAGENET_STD, Normalized, Variant
+from variants.base import IMAGENET_MEAN, IMAGENET_STD, Variant, classifier
 
 
 def _unknown(library: str, model_name: str, known) -> GistressError:
@@ -44,15 +44,7 @@ def _build_timm(name: str, model_name: str, pretrained: bool, options: dict) -> 
     has_weights = bool(cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file"))
     source = f"timm:{cfg.get('architecture', arch)}" + (f".{tag}" if tag else "") if has_weights else None
     num_classes = int(getattr(net, "num_classes", options.get("num_classes", 1000)))
-    variant = Variant(
-        name=name,
-        model=Normalized(net, *norm),
-        task="classification",
-        input_size=size,
-        normalization=norm,
-        num_classes=num_classes,
-        options={**options, "pretrained_source": source},
-    )
+    variant = classifier(name, net, norm, size, num_classes, {**options, "pretrained_source": source})
     if pretrained:
         from variants.weights import load_pretrained
 
@@ -95,16 +87,9 @@ def _build_torchvision(name: str, model_name: str, pretrained: bool, options: di
     except TypeError as exc:
         raise _bad_options(name, options, exc) from None
     num_classes = int(options.get("num_classes", categories or 1000))
-    return Variant(
-        name=name,
-        model=Normalized(net, *norm),
-        task="classification",
-        input_size=size,
-        normalization=norm,
-        num_classes=num_classes,
-        options={**options, "pretrained_source": f"torchvision:{model_name}" if weights else None},
-        weights="pretrained" if pretrained else "random",
-    )
+    source = f"torchvision:{model_name}" if weights else None
+    return classifier(name, net, norm, size, num_classes, {**options, "pretrained_source": source},
+                      weights="pretrained" if pretrained else "random")
 
 
 def build_external(name: str, pretrained: bool = False, **options) -> Variant:

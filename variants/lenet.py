@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from variants.base import IDENTITY_NORM, Normalized, Variant, register
+from variants.base import IDENTITY_NORM, Variant, classifier, register
 from variants.resnet import check_positive_int
 
 INPUT_SIZE = 32
@@ -43,12 +43,5 @@ class LeNet(nn.Module):
 def build_lenet(name: str, num_classes: int = 10) -> Variant:
     """Build DLG's LeNet at 32x32 with identity normalization ([0, 1] pixels in)."""
     num_classes = check_positive_int("num_classes", num_classes, name)
-    return Variant(
-        name=name,
-        model=Normalized(LeNet(num_classes), *IDENTITY_NORM),
-        task="classification",
-        input_size=INPUT_SIZE,
-        normalization=IDENTITY_NORM,
-        num_classes=num_classes,
-        options=dict(num_classes=num_classes, pretrained_source=None),
-    )
+    return classifier(name, LeNet(num_classes), IDENTITY_NORM, INPUT_SIZE, num_classes,
+                      dict(num_classes=num_classes, pretrained_source=None))

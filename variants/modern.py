@@ -16,7 +16,7 @@ attacks under ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
 
 from __future__ import annotations
 
-from variants.base import Normalized, Variant, register
+from variants.base import Variant, classifier, register
 from variants.resnet import check_choice, resolve_classes, stem_defaults
 
 # name -> (timm model, CIFAR-config kwargs for timm.create_model, description)
@@ -84,12 +84,5 @@ def build_modern(name: str, stem: str = "imagenet", num_classes: int | None = No
         norm = (tuple(cfg.get("mean", norm[0])), tuple(cfg.get("std", norm[1])))
         tag = cfg.get("tag")
         source = f"timm:{cfg['architecture']}" + (f".{tag}" if tag else "")
-    return Variant(
-        name=name,
-        model=Normalized(net, *norm),
-        task="classification",
-        input_size=size,
-        normalization=norm,
-        num_classes=nc,
-        options=dict(stem=stem, num_classes=nc, pretrained_source=source),
-    )
+    return classifier(name, net, norm, size, nc,
+                      dict(stem=stem, num_classes=nc, pretrained_source=source))

@@ -15,7 +15,15 @@ from collections.abc import Iterable
 from torch import nn
 
 from suite.errors import GistressError, close_matches
-from variants.base import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalized, Variant, register
+from variants.base import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Variant,
+    classifier,
+    register,
+)
 
 # ---------------------------------------------------------------- shared option checks
 
@@ -255,12 +263,4 @@ def build_resnet(
         cut_skips=cuts,
         pretrained_source=f"torchvision:{name}" if stock else None,
     )
-    return Variant(
-        name=name,
-        model=Normalized(net, *norm),
-        task="classification",
-        input_size=size,
-        normalization=norm,
-        num_classes=nc,
-        options=options,
-    )
+    return classifier(name, net, norm, size, nc, options)
