@@ -165,12 +165,9 @@ def resolve_device(device: str) -> str:
     """``auto`` -> the device the runner will pick (cuda when available, else cpu)."""
     if device != "auto":
         return device
-    try:
-        import torch
+    from suite.runner import resolve_device as pick  # one definition of what ``auto`` means
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except Exception:  # torch broken or absent: the tag is informative only
-        return "unknown"
+    return str(pick("auto"))
 
 
 def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
