@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from suite.allocator import tune_allocator
 from suite.client import Observation, local_schedule, trainable
 from suite.config import AttackSpec
 from suite.errors import DivergenceError, GistressError
@@ -56,6 +57,8 @@ class Attacker:
         self.spec = spec
         self.device = torch.device(device)
         self.seed = seed
+        if self.device.type == "cpu":
+            tune_allocator()  # otherwise every CPU iteration page-faults its gradient buffers in
         self.model_for_momentum = variant.model  # BN momentum as sent (our copy is frozen to 0)
         self.model = self._server_model()
         self.names, self.params = trainable(self.model)
@@ -68,6 +71,7 @@ class Attacker:
         self.hooks = BNStatHooks(self.model) if (spec.bn_prior or 0) > 0 else None
         self.inferred_labels: torch.Tensor | None = None
         self.labels = self._labels()
+        self.batches_restarts(spec.restarts)  # restart_mode=batched where it cannot: fail now
 
     # ----- set-up -------------------------------------------------------------------------
     def _server_model(self) -> nn.Module:
@@ -175,9 +179,15 @@ class Attacker:
         b = self.target_update[self.names.index(bias_name)] if bias_name in self.names else None
         return self.target_update[wi].detach().cpu(), None if b is None else b.detach().cpu()
 
-    # ----- objective ----------------------------------------------------------------------
-    def _candidate_update(self, x: torch.Tensor, loss_fn, create_graph: bool) -> list[torch.Tensor]:
+    # ----- objective ---------------------------------------------------------------------
+    def _candidate_update(self, x: torch.Tensor, loss_fn, create_graph: bool,
+                          functional: tuple[dict, dict] | None = None) -> list[torch.Tensor]:
         obs = self.obs
+        if functional is not None:
+            # inside torch.func.vmap (batched restarts): the same gradient, as a torch.func transform
+            params, buffers = functional
+            grads = torch.func.grad(lambda p: loss_fn(functional_call(self.model, (p, buffers), (x,))))(params)
+            return [grads[n] for n in self.names]
         if obs.threat.update == "fedavg" and obs.training is not None:
             # worst case: the server knows the local hyper-parameters and unrolls the K steps
             start = dict(zip(self.names, self.params))
@@ -196,7 +206,7 @@ class Attacker:
         loss = loss_fn(self.model(x))
         return list(torch.autograd.grad(loss, self.params, create_graph=create_graph))
 
-    def _objective(self, x: torch.Tensor, loss_fn, control: bool):
+    def _objective(self, x: torch.Tensor, loss_fn, control: bool, functional: tuple[dict, dict] | None = None):
         spec = self.spec
         parts: dict[str, torch.Tensor] = {}
         if self.hooks is not None:
@@ -204,9 +214,9 @@ class Attacker:
         if control:
             if self.hooks is not None:
                 self.model(x)  # statistics for the BN prior only
-            match = torch.zeros((), device=x.device)
+            match = x.new_zeros(())
         else:
-            match = self.matcher(self._candidate_update(x, loss_fn, create_graph=True))
+            match = self.matcher(self._candidate_update(x, loss_fn, create_graph=True, functional=functional))
         total = match
         parts["matching_loss"] = match
         if spec.tv:
@@ -228,6 +238,34 @@ class Attacker:
         with math_attention():
             return float(self.matcher(self._candidate_update(x.to(self.device), loss_fn, create_graph=False)))
 
+    # ----- restarts -----------------------------------------------------------------------
+    def why_not_batched(self) -> str | None:
+        """Why restarts cannot share one vmapped pass in this setting (None when they can)."""
+        if self.obs.task != "classification":
+            return "the detection loss's target assignment is data-dependent and cannot be vmapped"
+        if self.spec.optimizer != "adam":
+            return "L-BFGS line-searches each restart on its own"
+        if self.obs.threat.update == "fedavg" and self.obs.training is not None:
+            return "the unrolled FedAvg steps use autograd.grad, which vmap cannot batch"
+        odd = [type(m).__name__ for m in _train_mode_bn(self.model) if not _plain_bn(m)]
+        if odd:
+            return f"train-mode {odd[0]} layers have their own forward, which vmap cannot batch correctly"
+        return None
+
+    def batches_restarts(self, n: int) -> bool:
+        """True when ``n`` restarts run as one batched pass (``restart_mode`` and the setting)."""
+        mode = self.spec.restart_mode
+        if n < 2 or mode == "sequential":
+            return False
+        why = self.why_not_batched()
+        if why is not None:
+            if mode == "batched":
+                raise GistressError(f"restart_mode=batched is not available here: {why}",
+                                    "use restart_mode=auto or sequential")
+            return False
+        # on CPU a batched pass costs about what the sequential restarts cost (docs/benchmarks.md)
+        return mode == "batched" or self.device.type == "cuda"
+
     # ----- optimization -------------------------------------------------------------------
     def initial_images(self) -> list[torch.Tensor]:
         """Seeded random starts, one per restart (``init=random``)."""
@@ -239,12 +277,20 @@ class Attacker:
     def reconstruct(self, inits: list[torch.Tensor] | None = None, *, control: bool = False,
                     callback: StepCallback | None = None) -> Reconstruction:
         """Run every restart from ``inits`` (default: seeded random) and keep the one with the
-        lowest final matching loss. ``control=True`` switches the gradient term off."""
+        lowest final matching loss. ``control=True`` switches the gradient term off.
+
+        Restarts run one after another, or as one batched pass (``restart_mode``); either way
+        the callback sees every restart's logged steps, restart by restart within a step.
+        """
         inits = inits if inits is not None else self.initial_images()
         images, losses, histories, label_sets = [], [], [], []
         with math_attention():
-            for r, x0 in enumerate(inits):
-                x, hist, loss_fn = self._optimize(x0.to(self.device), control, callback, restart=r)
+            if self.batches_restarts(len(inits)):
+                runs = self._optimize_batched([x0.to(self.device) for x0 in inits], control, callback)
+            else:
+                runs = [self._optimize(x0.to(self.device), control, callback, restart=r)
+                        for r, x0 in enumerate(inits)]
+            for x, hist, loss_fn in runs:
                 images.append(x.detach().cpu())
                 final = float(self.matcher(self._candidate_update(x.detach(), loss_fn, create_graph=False)))
                 losses.append(final)
@@ -268,15 +314,65 @@ class Attacker:
         soft.requires_grad_(True)
         return ClassificationLoss(soft_logits=soft), [soft]
 
-    def _optimize(self, x0: torch.Tensor, control: bool, callback, restart: int):
-        spec = self.spec
+    def _start(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0.detach().clone()
-        if spec.clamp:
+        if self.spec.clamp:
             x = x.clamp(0, 1)
-        x.requires_grad_(True)
+        return x.requires_grad_(True)
+
+    def _optimize(self, x0: torch.Tensor, control: bool, callback, restart: int):
+        x = self._start(x0)
         loss_fn, extra = self._loss_fn_for_restart(restart)
-        variables = [x] + extra
         history: list[dict] = []
+
+        def log(step: int, parts: dict[str, torch.Tensor]) -> None:
+            history.append(_record(step, {k: float(v.detach()) for k, v in parts.items()}, x, callback))
+
+        self._descend([x] + extra, lambda: self._objective(x, loss_fn, control), log)
+        return x, history, loss_fn
+
+    def _optimize_batched(self, inits: list[torch.Tensor], control: bool, callback):
+        """All restarts at once: one vmapped objective over a stacked [R, B, ...] image tensor.
+
+        Adam and signed gradients act element-wise, so one optimizer over the stack is R
+        independent optimizers; the summed objective's gradient w.r.t. restart r is restart r's own.
+        """
+        n = len(inits)
+        x = self._start(torch.stack(inits))
+        loss_fns = [self._loss_fn_for_restart(r)[0] for r in range(n)]
+        soft = None
+        if self.labels is None:  # joint labels: one soft-logit tensor per restart, stacked
+            soft = torch.stack([f.soft_logits.detach() for f in loss_fns]).requires_grad_(True)
+        functional = (dict(zip(self.names, self.params)), dict(self.model.named_buffers()))
+
+        def one(xr, sr):
+            loss_fn = self.labels if sr is None else ClassificationLoss(soft_logits=sr)
+            return self._objective(xr, loss_fn, control, functional=functional)
+
+        batched = torch.func.vmap(one, in_dims=(0, None if soft is None else 0), randomness="different")
+
+        def objective():
+            totals, parts = batched(x, soft)
+            return totals.sum(), parts
+
+        histories: list[list[dict]] = [[] for _ in range(n)]
+
+        def log(step: int, parts: dict[str, torch.Tensor]) -> None:
+            values = {k: v.detach().cpu().tolist() for k, v in parts.items()}
+            for r in range(n):
+                histories[r].append(_record(step, {k: v[r] for k, v in values.items()}, x[r], callback))
+
+        with _vmappable_batch_norm(self.model):
+            self._descend([x] + ([soft] if soft is not None else []), objective, log)
+        if soft is not None:
+            loss_fns = [ClassificationLoss(soft_logits=soft[r]) for r in range(n)]
+        return [(x[r], histories[r], loss_fns[r]) for r in range(n)]
+
+    def _descend(self, variables: list[torch.Tensor], objective, log) -> None:
+        """``spec.iterations`` steps of Adam (signed, step decay) or L-BFGS on ``variables``
+        (images first); ``log(step, parts)`` every ``log_every`` steps and at the last."""
+        spec = self.spec
+        x = variables[0]
         iters = spec.iterations
         if spec.optimizer == "lbfgs":
             opt = torch.optim.LBFGS(variables, lr=spec.lr)
@@ -285,13 +381,15 @@ class Attacker:
             opt = torch.optim.Adam(variables, lr=spec.lr)
             milestones = [int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)] if spec.decay else []
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-        last_parts = {}
+        last_parts: dict[str, torch.Tensor] = {}
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            total, parts = self._objective(x, loss_fn, control)
+            total, parts = objective()
             if total.requires_grad:
-                total.backward()
+                # only the optimized variables: a bare backward() would also push second-order
+                # terms into every model parameter (measured 25 % of a ResNet18 iteration)
+                total.backward(inputs=variables)
             if spec.signed and x.grad is not None:
                 x.grad.sign_()
             last_parts.update(parts)
@@ -309,14 +407,58 @@ class Attacker:
                     x.clamp_(0, 1)
             _check_finite(step, last_parts, x)  # every step: the reported step is where it happened
             if step % spec.log_every == 0 or step == iters - 1:
-                record = {k: float(v.detach()) for k, v in last_parts.items()}
-                record["step"] = step
-                if callback is not None:
-                    extra_metrics = callback(step, record, x.detach())
-                    if extra_metrics:
-                        record.update(extra_metrics)
-                history.append(record)
-        return x, history, loss_fn
+                log(step, last_parts)
+
+
+def _record(step: int, values: dict[str, float], x: torch.Tensor, callback) -> dict:
+    record = dict(values)
+    record["step"] = step
+    if callback is not None:
+        extra_metrics = callback(step, record, x.detach())
+        if extra_metrics:
+            record.update(extra_metrics)
+    return record
+
+
+def _train_mode_bn(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+def _plain_bn(m: nn.Module) -> bool:
+    return type(m).forward is nn.modules.batchnorm._BatchNorm.forward
+
+
+@contextlib.contextmanager
+def _vmappable_batch_norm(model: nn.Module):
+    """Train-mode BN layers as their composite formula while restarts are vmapped.
+
+    The fused op cannot run under vmap with running-stat buffers (an in-place update of a
+    batched input), and without them its double backward under vmap is wrong: 0.3-0.5 %
+    relative error in float64 against finite differences, while the composite mean/var formula
+    agrees to 1e-16 (functorch issue #534, still open). Buffers are left untouched.
+    """
+    layers = _train_mode_bn(model)
+    for m in layers:
+        m.forward = _composite_bn_forward(m)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward
+
+
+def _composite_bn_forward(m: nn.Module):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + m.eps)
+        if m.affine:
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            y = y * m.weight.view(shape) + m.bias.view(shape)
+        return y
+
+    return forward
 
 
 def _check_finite(step: int, parts: dict[str, torch.Tensor], x: torch.Tensor) -> None:
@@ -324,11 +466,11 @@ def _check_finite(step: int, parts: dict[str, torch.Tensor], x: torch.Tensor) ->
 
     One device sync per step: the common case checks a single stacked tensor.
     """
-    values = [v.detach().float().reshape(()) for v in parts.values()]
-    losses_ok = not values or bool(torch.isfinite(torch.stack(values)).all())
+    values = [v.detach().float().reshape(-1) for v in parts.values()]  # one value per restart
+    losses_ok = not values or bool(torch.isfinite(torch.cat(values)).all())
     if losses_ok and bool(torch.isfinite(x).all()):
         return
-    bad = [f"{k}={float(v):g}" for k, v in zip(parts, values) if not math.isfinite(float(v))]
+    bad = [f"{k}={float(v[~torch.isfinite(v)][0]):g}" for k, v in zip(parts, values) if not bool(torch.isfinite(v).all())]
     pixels = int((~torch.isfinite(x.detach())).sum())
     if pixels:
         bad.append(f"{pixels} image value(s) NaN/inf")

@@ -50,6 +50,9 @@ class AttackSpec(BaseModel):
     decay: bool | None = None
     iterations: int = Field(300, ge=1)
     restarts: int = Field(1, ge=1)
+    # auto: restarts share one batched pass (torch.func.vmap) on CUDA where the setting allows
+    # it, else one after another; batched / sequential force either (see docs/benchmarks.md)
+    restart_mode: Literal["auto", "batched", "sequential"] = "auto"
     init: Literal["random", "noisy_target", "file"] | None = None
     init_distribution: Literal["randn", "uniform"] = "randn"
     noise_p: float | None = Field(None, ge=0, le=1)       # noisy_target: fraction of pixels replaced
@@ -79,6 +82,9 @@ class AttackSpec(BaseModel):
                 object.__setattr__(self, key, value)
         if self.init == "noisy_target" and self.noise_p is None and self.noise_sigma is None:
             raise ValueError("init=noisy_target needs noise_p (pixel fraction) or noise_sigma")
+        if self.restart_mode == "batched" and self.optimizer == "lbfgs":
+            raise ValueError("restart_mode=batched needs optimizer=adam: L-BFGS line-searches each "
+                             "restart on its own (use restart_mode=sequential or auto)")
         if self.init == "file" and not self.init_file:
             raise ValueError("init=file needs init_file=<path to an image>")
         return self
@@ -147,6 +153,7 @@ class RunConfig(BaseModel):
             "noise_sigma": a.noise_sigma if a.noise_sigma is not None else "none",
             "labels": a.labels,
             "restarts": a.restarts,
+            "restart_mode": a.restart_mode,
             "iterations": a.iterations,
             "control": a.control,
         }

@@ -43,6 +43,9 @@ class UpdateMatcher:
         self.active = [i for i, w in enumerate(self.weights) if w != 0.0]
         self.target = [target[i].detach() for i in self.active]
         # constants computed once per attack
+        self.target_flat = [t.reshape(-1) for t in self.target]
+        self.active_weights = torch.tensor([self.weights[i] for i in self.active], dtype=torch.float32,
+                                           device=self.target[0].device if self.target else None)
         self.target_sq = sum((self.weights[i] * t.pow(2).sum()) for i, t in zip(self.active, self.target))
         self.target_norm = self.target_sq.sqrt()
 
@@ -50,8 +53,12 @@ class UpdateMatcher:
         cand = [candidate[i] for i in self.active]
         if self.objective == "l2":
             return sum(self.weights[i] * (c - t).pow(2).sum() for i, c, t in zip(self.active, cand, self.target))
-        dot = sum(self.weights[i] * (c * t).sum() for i, c, t in zip(self.active, cand, self.target))
-        csq = sum(self.weights[i] * c.pow(2).sum() for i, c in zip(self.active, cand))
+        # dot products and norms per tensor, combined as one small vector: no parameter-sized
+        # temporaries in the forward, one parameter-sized product per term in the backward
+        flat = [c.reshape(-1) for c in cand]
+        w = self.active_weights.to(dtype=flat[0].dtype)
+        dot = (torch.stack([torch.dot(c, t) for c, t in zip(flat, self.target_flat)]) * w).sum()
+        csq = (torch.stack([torch.linalg.vector_norm(c) for c in flat]).square() * w).sum()
         return 1.0 - dot / (csq.sqrt() * self.target_norm + 1e-12)
 
 

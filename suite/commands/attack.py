@@ -40,6 +40,8 @@ def add_parser(sub):
     a.add_argument("--bn-prior", type=float)
     a.add_argument("--iterations", type=int, default=300)
     a.add_argument("--restarts", type=int, default=1)
+    a.add_argument("--restart-mode", choices=["auto", "batched", "sequential"], default=None,
+                   help="auto: batched (one vmapped pass) on CUDA where supported, else sequential")
     a.add_argument("--init", choices=["random", "noisy_target", "file"])
     a.add_argument("--noise-p", type=float)
     a.add_argument("--noise-sigma", type=float)
@@ -107,7 +109,8 @@ def config_from_args(args):
         images = ids[: args.batch]
     attack = {k: v for k, v in dict(
         preset=args.preset, objective=args.objective, optimizer=args.optimizer, lr=args.lr, tv=args.tv,
-        bn_prior=args.bn_prior, iterations=args.iterations, restarts=args.restarts, init=args.init,
+        bn_prior=args.bn_prior, iterations=args.iterations, restarts=args.restarts,
+        restart_mode=args.restart_mode, init=args.init,
         noise_p=args.noise_p, noise_sigma=args.noise_sigma, init_file=args.init_file, labels=args.labels,
         control=args.control, log_every=args.log_every,
     ).items() if v is not None}
