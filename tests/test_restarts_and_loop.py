@@ -206,3 +206,13 @@ def test_batch_of_detection_is_still_sequential_and_runs():
     obs = Client(yolo.model, yolo.task, ThreatModel(bn_mode="train")).share(batch)
     rec = Attacker(yolo, obs, AttackSpec(iterations=2, restarts=2), seed=0).reconstruct()
     assert len(rec.restart_losses) == 2 and rec.chosen == min(range(2), key=lambda i: rec.restart_losses[i])
+
+
+def test_cosine_matcher_hand_written_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    shapes = [(3, 2, 3, 3), (3,), (4, 5)]
+    names = ["conv.weight", "conv.bias", "fc.weight"]
+    target = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    cand = tuple(torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes)
+    matcher = UpdateMatcher(target, names, "cosine", {"fc.*": 2.0})
+    assert torch.autograd.gradcheck(lambda *c: matcher(list(c)), cand)
