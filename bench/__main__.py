@@ -106,7 +106,9 @@ def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
         return time.perf_counter() - t, diffs
 
     attack(1, 2)  # warm-up
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     total1, diffs = attack(1, iters)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / iters
     per_iter = statistics.median(diffs)
     total4, _ = attack(4, iters)
     why = Attacker(v, obs, AttackSpec(preset="ig", iterations=1), device=dev).why_not_batched()
@@ -118,7 +120,7 @@ def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
         "variant": entry, "task": v.task, "size": size, "params_m": round(v.num_params / 1e6, 2),
         "device": device, "train_step_s": train, "attack_iter_s": per_iter,
         "ratio": per_iter / train, "restarts4_over_1": total4 / total1, "batched4_over_1": batched4,
-        "malloc_tuned": tuned,
+        "malloc_tuned": tuned, "minor_faults_per_iter": round(faults),
         "peak_rss_mib": round(peak_rss), "peak_cuda_mib": None if peak_cuda is None else round(peak_cuda),
     }
 
@@ -151,9 +153,10 @@ def _cell(value, fmt: str) -> str:
 
 def markdown(rows: list[dict], info: dict) -> str:
     """The generated block of docs/benchmarks.md: how it was made, the machine, the table."""
-    ab = any("ratio_default_malloc" in r for r in rows)
+    ab = any("attack_iter_s_default_malloc" in r for r in rows)
     head = ["variant", "device", "size", "params (M)", "train step (s)", "attack iter (s)", "ratio"]
-    head += ["ratio, default malloc"] if ab else []
+    head += ["train step, default malloc (s)", "attack iter, default malloc (s)",
+             "page faults / iter (tuned / default)"] if ab else []
     head += ["4 restarts / 1 (sequential)", "4 restarts / 1 (batched)", "peak RSS (MiB)", "peak CUDA (MiB)"]
     lines = [
         BEGIN,
@@ -168,7 +171,9 @@ def markdown(rows: list[dict], info: dict) -> str:
             continue
         cells = [r["variant"], r["device"], str(r["size"]), str(r["params_m"]), f"{r['train_step_s']:.4f}",
                  f"{r['attack_iter_s']:.4f}", f"{r['ratio']:.2f}"]
-        cells += [_cell(r.get("ratio_default_malloc"), ".2f")] if ab else []
+        cells += [_cell(r.get("train_step_s_default_malloc"), ".4f"),
+                  _cell(r.get("attack_iter_s_default_malloc"), ".4f"),
+                  f"{r.get('minor_faults_per_iter')} / {r.get('minor_faults_per_iter_default_malloc')}"] if ab else []
         cells += [f"{r['restarts4_over_1']:.2f}", _cell(r.get("batched4_over_1"), ".2f"), str(r["peak_rss_mib"]),
                   _cell(r["peak_cuda_mib"], "d")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -247,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch intra-op threads per variant process (default: torch's own choice)")
     p.add_argument("--malloc-ab", action="store_true",
                    help="also measure CPU rows with glibc's default allocator (GISTRESS_MALLOC_TUNING=0)")
+    p.add_argument("--update", action="store_true",
+                   help="merge these rows into the existing --json-out (same variant and device replaced)")
     p.add_argument("--profile", metavar="VARIANT", help="print one attack iteration's operator profile and exit")
     p.add_argument("--out", default="docs/benchmarks.md")
     p.add_argument("--json-out", default="docs/benchmarks.json")
@@ -268,16 +275,24 @@ def main(argv: list[str] | None = None) -> int:
             r = _run_one(entry, dev, args, os.environ.copy())
             if args.malloc_ab and dev == "cpu" and "ratio" in r:
                 plain = _run_one(entry, dev, args, {**os.environ, "GISTRESS_MALLOC_TUNING": "0"})
-                r["ratio_default_malloc"] = plain.get("ratio")
+                r["attack_iter_s_default_malloc"] = plain.get("attack_iter_s")
+                r["train_step_s_default_malloc"] = plain.get("train_step_s")
+                r["minor_faults_per_iter_default_malloc"] = plain.get("minor_faults_per_iter")
             rows.append(r)
             if "ratio" in r:
                 line = (f"ratio {r['ratio']:.2f}  attack {r['attack_iter_s']:.4f}s  "
                         f"4 restarts {r['restarts4_over_1']:.2f} (batched {_cell(r['batched4_over_1'], '.2f')})")
-                if "ratio_default_malloc" in r:
-                    line += f"  default malloc ratio {_cell(r['ratio_default_malloc'], '.2f')}"
+                if "attack_iter_s_default_malloc" in r:
+                    line += (f"  default malloc: train {_cell(r['train_step_s_default_malloc'], '.4f')}s"
+                             f" attack {_cell(r['attack_iter_s_default_malloc'], '.4f')}s")
             else:
                 line = r["error"]
             print(f"{entry:<22}{dev:<6}{line}", flush=True)
+    if args.update and Path(args.json_out).exists():
+        fresh = {(r["variant"], r["device"]): r for r in rows}
+        old = json.loads(Path(args.json_out).read_text())["rows"]
+        keys = {(r["variant"], r["device"]) for r in old}
+        rows = [fresh.get((r["variant"], r["device"]), r) for r in old] + [r for k, r in fresh.items() if k not in keys]
     info = machine()
     if args.threads:
         info["threads"] = args.threads

@@ -19,6 +19,7 @@ from torch.func import functional_call
 from suite.allocator import tune_allocator
 from suite.client import Observation, local_schedule, trainable
 from suite.config import AttackSpec
+from suite.convgrad import use_grouped_conv_derivative
 from suite.errors import DivergenceError, GistressError
 from suite.objectives import BNStatHooks, UpdateMatcher, bn_prior, total_variation
 from suite.results import Reconstruction
@@ -78,6 +79,7 @@ class Attacker:
         model = copy.deepcopy(self.variant.model)
         model.load_state_dict(self.obs.model_state)
         model.to(self.device)
+        use_grouped_conv_derivative(model)  # same values; a cheaper double backward (suite/convgrad.py)
         set_mode(model, self.obs.task, self.obs.threat.bn_mode)
         freeze_running_stats(model)  # the attacker's forwards must not drift the statistics
         return model
@@ -263,7 +265,8 @@ class Attacker:
                 raise GistressError(f"restart_mode=batched is not available here: {why}",
                                     "use restart_mode=auto or sequential")
             return False
-        # on CPU a batched pass costs about what the sequential restarts cost (docs/benchmarks.md)
+        # auto: CUDA only; on the CPU a batched pass measured slower than sequential restarts
+        # (docs/benchmarks.md)
         return mode == "batched" or self.device.type == "cuda"
 
     # ----- optimization -------------------------------------------------------------------
