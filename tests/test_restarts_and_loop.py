@@ -245,11 +245,14 @@ def test_grouped_conv_derivative_passes_gradgradcheck_with_stride_padding_dilati
 
 
 def test_attacker_switches_only_grouped_convs_and_keeps_the_image_gradient():
+    from timm.layers.conv2d_same import Conv2dSame
+
     from suite.convgrad import use_grouped_conv_derivative
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 5, padding=2, groups=8),
-                        nn.Conv2d(8, 8, 3, stride=2, groups=2), nn.Flatten(), nn.LazyLinear(3)).double()
+                        Conv2dSame(8, 8, 3, stride=2, groups=8), nn.Conv2d(8, 8, 3, stride=2, groups=2),
+                        nn.Flatten(), nn.LazyLinear(3)).double()
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     net(x)
     params = [p for p in net.parameters()]
@@ -261,5 +264,5 @@ def test_attacker_switches_only_grouped_convs_and_keeps_the_image_gradient():
         return torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, target)), [xr])[0]
 
     expected = image_grad()
-    assert use_grouped_conv_derivative(net) == 2
+    assert use_grouped_conv_derivative(net) == 3
     assert torch.allclose(image_grad(), expected, rtol=1e-10, atol=1e-12)
