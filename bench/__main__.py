@@ -36,33 +36,41 @@ def _spec(entry: str) -> tuple[str, dict, int | None]:
     return name, opts, size
 
 
-def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
-    """Timings and peak memory for one variant (run inside its own process)."""
-    import resource
-
+def _variant_and_batch(entry: str, dev):
+    """The variant (on ``dev``), its input size, and a one-image batch: a label, or one box."""
     import torch
 
     import variants
-    from suite.allocator import tune_allocator
-    from suite.attacker import Attacker, math_attention
-    from suite.client import Client, task_loss_for, trainable
-    from suite.config import AttackSpec
     from suite.data.batch import Batch
-    from suite.tasks import set_mode
-    from suite.threat import ThreatModel
 
-    tuned = tune_allocator()  # what the attacker does; GISTRESS_MALLOC_TUNING=0 for the A/B column
     name, opts, size = _spec(entry)
-    dev = torch.device(device)
     v = variants.build(name, seed=0, **opts)
     size = size or v.input_size
     v.model.to(dev)
     x = torch.rand(1, 3, size, size, device=dev)
     if v.task == "detection":
         boxes = [torch.tensor([[size * 0.2, size * 0.2, size * 0.7, size * 0.8]], device=dev)]
-        batch = Batch(images=x, boxes=boxes, classes=[torch.tensor([0], device=dev)])
-    else:
-        batch = Batch(images=x, labels=torch.tensor([1], device=dev))
+        return v, size, Batch(images=x, boxes=boxes, classes=[torch.tensor([0], device=dev)])
+    return v, size, Batch(images=x, labels=torch.tensor([1], device=dev))
+
+
+def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
+    """Timings and peak memory for one variant (run inside its own process)."""
+    import resource
+
+    import torch
+
+    from suite.allocator import tune_allocator
+    from suite.attacker import Attacker, math_attention
+    from suite.client import Client, task_loss_for, trainable
+    from suite.config import AttackSpec
+    from suite.tasks import set_mode
+    from suite.threat import ThreatModel
+
+    tuned = tune_allocator()  # what the attacker does; GISTRESS_MALLOC_TUNING=0 for the A/B column
+    dev = torch.device(device)
+    v, size, batch = _variant_and_batch(entry, dev)
+    x = batch.images
 
     def sync():
         if dev.type == "cuda":
@@ -89,6 +97,8 @@ def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
 
     obs = Client(v.model, v.task, ThreatModel(bn_mode="train")).share(batch)
 
+    last: dict[str, Attacker] = {}
+
     def attack(restarts: int, n: int, mode: str = "sequential") -> tuple[float, list[float]]:
         stamps: list[float] = []
 
@@ -97,7 +107,7 @@ def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
             stamps.append(time.perf_counter())
 
         spec = AttackSpec(preset="ig", iterations=n, restarts=restarts, log_every=1, restart_mode=mode)
-        att = Attacker(v, obs, spec, device=dev, seed=0)
+        att = last["attacker"] = Attacker(v, obs, spec, device=dev, seed=0)
         sync()
         t = time.perf_counter()
         att.reconstruct(callback=cb)
@@ -111,8 +121,7 @@ def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / iters
     per_iter = statistics.median(diffs)
     total4, _ = attack(4, iters)
-    why = Attacker(v, obs, AttackSpec(preset="ig", iterations=1), device=dev).why_not_batched()
-    batched4 = None if why else attack(4, iters, "batched")[0] / total1
+    batched4 = None if last["attacker"].why_not_batched() else attack(4, iters, "batched")[0] / total1
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     train = statistics.median(train_times)
@@ -199,26 +208,15 @@ def profile_one(entry: str, device: str, top: int = 25) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import variants
     from suite.allocator import tune_allocator
     from suite.attacker import Attacker
     from suite.client import Client
     from suite.config import AttackSpec
-    from suite.data.batch import Batch
     from suite.threat import ThreatModel
 
     tune_allocator()
-    name, opts, size = _spec(entry)
-    v = variants.build(name, seed=0, **opts)
-    size = size or v.input_size
-    x = torch.rand(1, 3, size, size)
-    if v.task == "detection":
-        batch = Batch(images=x, boxes=[torch.tensor([[size * 0.2, size * 0.2, size * 0.7, size * 0.8]])],
-                      classes=[torch.tensor([0])])
-    else:
-        batch = Batch(images=x, labels=torch.tensor([1]))
-    v.model.to(device)
-    obs = Client(v.model, v.task, ThreatModel(bn_mode="train")).share(batch.to(device))
+    v, _, batch = _variant_and_batch(entry, torch.device(device))
+    obs = Client(v.model, v.task, ThreatModel(bn_mode="train")).share(batch)
     att = Attacker(v, obs, AttackSpec(preset="ig", iterations=4), device=device)
     att.reconstruct()  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
