@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from suite.allocator import tune_allocator
+from suite.bnstats import named_bn_layers
 from suite.client import Observation, local_schedule, trainable
 from suite.config import AttackSpec
 from suite.convgrad import use_grouped_conv_derivative
@@ -85,7 +86,7 @@ class Attacker:
         return model
 
     def _bn_layers(self) -> list[nn.Module]:
-        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return [m for _, m in named_bn_layers(self.model)]
 
     def _bn_reference(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Statistics for the BN prior (and, when shared, for emulating the train-mode client)."""
@@ -100,8 +101,7 @@ class Attacker:
             from suite.bnstats import bn_momentum, count_per_channel, recover_batch_stats
 
             before = [(n, obs.model_state[n + ".running_mean"], obs.model_state[n + ".running_var"])
-                      for n, m in self.model.named_modules()
-                      if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                      for n, _ in named_bn_layers(self.model)]
             after = [(n, obs.running_after[n + ".running_mean"], obs.running_after[n + ".running_var"])
                      for n, _, _ in before]
             momentum = threat.bn_momentum or bn_momentum(self.model_for_momentum)
@@ -424,7 +424,7 @@ def _record(step: int, values: dict[str, float], x: torch.Tensor, callback) -> d
 
 
 def _train_mode_bn(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    return [m for _, m in named_bn_layers(model) if m.training]
 
 
 def _plain_bn(m: nn.Module) -> bool:

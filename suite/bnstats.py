@@ -27,10 +27,15 @@ from suite.errors import GistressError
 Stats = list[tuple[str, torch.Tensor, torch.Tensor]]
 
 
+def named_bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """Every BatchNorm layer (any dimension, subclasses included) with its name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
     if not isinstance(model, nn.Module):
         raise GistressError(f"expected a torch.nn.Module, got {type(model).__name__}", "pass the model")
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return named_bn_layers(model)
 
 
 def running_stats(model: nn.Module) -> Stats:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import suite  # noqa: F401  (YOLO_OFFLINE before ultralytics is imported)
+from suite.bnstats import named_bn_layers
 from suite.data.batch import Batch
 from suite.errors import GistressError
 
@@ -182,10 +183,6 @@ def make_criterion(model: nn.Module, freeze_assignment: bool = False):
 # ----------------------------------------------------------------------------- BN state
 
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, BN layers never write their running statistics.
@@ -195,7 +192,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
     using the stored statistics. For the attacker's many forward passes, which must not drift the
     model state the server sent.
     """
-    saved = [(m, m.track_running_stats) for _, m in _bn_layers(model)]
+    saved = [(m, m.track_running_stats) for _, m in named_bn_layers(model)]
     try:
         for m, _ in saved:
             m.track_running_stats = False
@@ -208,7 +205,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
 def uncalibrated_bn_layers(model: nn.Module) -> list[str]:
     """Names of BN layers whose running statistics are still at their initial values (mean 0, var 1)."""
     names = []
-    for name, m in _bn_layers(model):
+    for name, m in named_bn_layers(model):
         if m.running_mean is None or m.running_var is None:
             continue
         if bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()):

@@ -11,6 +11,8 @@ import fnmatch
 import torch
 from torch import nn
 
+from suite.bnstats import named_bn_layers
+
 
 def layer_weight_vector(names: list[str], patterns: dict[str, float]) -> list[float]:
     """Per-parameter weights from fnmatch patterns (first match wins; default 1)."""
@@ -112,7 +114,7 @@ class BNStatHooks:
     """
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.layers = [m for _, m in named_bn_layers(model)]
         self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
 

@@ -42,7 +42,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _has_bn(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    from suite.bnstats import named_bn_layers
+
+    return bool(named_bn_layers(model))
 
 
 def calibration_images(cfg: RunConfig, task: str, size: int, targets) -> tuple[torch.Tensor, str]:

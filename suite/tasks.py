@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from suite.bnstats import named_bn_layers
+
 
 def set_mode(model: nn.Module, task: str, bn_mode: str) -> None:
     """Train mode (batch statistics) or eval mode (running statistics) as the client runs it."""
@@ -24,9 +26,8 @@ def set_mode(model: nn.Module, task: str, bn_mode: str) -> None:
 
 def freeze_running_stats(model: nn.Module) -> None:
     """Momentum 0: train-mode forwards no longer move the running statistics (attacker copies)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.0
+    for _, m in named_bn_layers(model):
+        m.momentum = 0.0
 
 
 class ClassificationLoss:
