@@ -240,7 +240,13 @@ def _run_one(entry: str, dev: str, args, env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (each variant in a subprocess) and write JSON + markdown."""
+    """Run the benchmark (each variant in a subprocess) and write JSON + markdown; ``parity``
+    as the first argument runs the reference-engine comparison instead (bench/parity.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["parity"]:
+        from bench.parity import main as parity_main
+
+        return parity_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     p.add_argument("--devices", default=None, help="comma list; default cpu (+cuda when available)")

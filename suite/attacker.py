@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -208,7 +209,10 @@ class Attacker:
         loss = loss_fn(self.model(x))
         return list(torch.autograd.grad(loss, self.params, create_graph=create_graph))
 
-    def _objective(self, x: torch.Tensor, loss_fn, control: bool, functional: tuple[dict, dict] | None = None):
+    def _objective(self, x: torch.Tensor, loss_fn, control: bool, candidate: torch.Tensor | None = None,
+                   functional: tuple[dict, dict] | None = None):
+        """Total objective and its parts at pixels ``x``; TV acts on ``candidate`` (the optimized
+        tensor in ``spec.space``, default ``x``)."""
         spec = self.spec
         parts: dict[str, torch.Tensor] = {}
         if self.hooks is not None:
@@ -222,7 +226,7 @@ class Attacker:
         total = match
         parts["matching_loss"] = match
         if spec.tv:
-            tv = total_variation(x)
+            tv = total_variation(x if candidate is None else candidate, spec.tv_kind)
             parts["tv"] = tv
             total = total + spec.tv * tv
         if self.hooks is not None and self.bn_reference is not None:
@@ -269,9 +273,36 @@ class Attacker:
         # (docs/benchmarks.md)
         return mode == "batched" or self.device.type == "cuda"
 
+    # ----- candidate space -------------------------------------------------------------
+    def _norm_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = self.variant.normalization
+        return (torch.tensor(mean, device=self.device).view(1, -1, 1, 1),
+                torch.tensor(std, device=self.device).view(1, -1, 1, 1))
+
+    def to_candidate(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> the space the attack optimizes in (``spec.space``)."""
+        if self.spec.space == "pixel":
+            return x
+        mean, std = self._norm_tensors()
+        return (x - mean) / std
+
+    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """A candidate (``spec.space``) -> [0, 1]-range pixels (not clamped)."""
+        if self.spec.space == "pixel":
+            return z
+        mean, std = self._norm_tensors()
+        return z * std + mean
+
+    def box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid image range [0, 1] expressed in the candidate's space."""
+        if self.spec.space == "pixel":
+            return torch.zeros((), device=self.device), torch.ones((), device=self.device)
+        mean, std = self._norm_tensors()
+        return -mean / std, (1 - mean) / std
+
     # ----- optimization -------------------------------------------------------------------
     def initial_images(self) -> list[torch.Tensor]:
-        """Seeded random starts, one per restart (``init=random``)."""
+        """Seeded random starts in pixels, one per restart (``init=random``); not clamped."""
         gen = torch.Generator().manual_seed(self.seed)
         shape = (self.obs.batch_size, 3, *self.obs.image_size)
         return [random_init(shape, self.variant.normalization, self.spec.init_distribution, gen)
@@ -279,34 +310,45 @@ class Attacker:
 
     def reconstruct(self, inits: list[torch.Tensor] | None = None, *, control: bool = False,
                     callback: StepCallback | None = None) -> Reconstruction:
-        """Run every restart from ``inits`` (default: seeded random) and keep the one with the
-        lowest final matching loss. ``control=True`` switches the gradient term off.
+        """Run every restart from ``inits`` (pixels; default: seeded random) and keep the one
+        with the lowest final matching loss. ``control=True`` switches the gradient term off.
 
-        Restarts run one after another, or as one batched pass (``restart_mode``); either way
-        the callback sees every restart's logged steps, restart by restart within a step.
+        A restart whose objective or image turns NaN/inf stops there and is marked diverged
+        (matching loss inf); the other restarts decide. Only when every restart diverged does
+        the attack fail (DivergenceError). Restarts run one after another, or as one batched
+        pass (``restart_mode``); either way the callback sees every restart's logged steps.
         """
         inits = inits if inits is not None else self.initial_images()
-        images, losses, histories, label_sets = [], [], [], []
+        images, losses, histories, label_sets, failures = [], [], [], [], []
         with math_attention():
             if self.batches_restarts(len(inits)):
                 runs = self._optimize_batched([x0.to(self.device) for x0 in inits], control, callback)
             else:
                 runs = [self._optimize(x0.to(self.device), control, callback, restart=r)
                         for r, x0 in enumerate(inits)]
-            for x, hist, loss_fn in runs:
-                images.append(x.detach().cpu())
-                final = float(self.matcher(self._candidate_update(x.detach(), loss_fn, create_graph=False)))
-                losses.append(final)
-                histories.append(hist)
-                label_sets.append(getattr(loss_fn, "labels", None))
-        finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
-        chosen = min(finite, key=lambda i: losses[i]) if finite else 0
-        out = images[chosen].clamp(0, 1)
+            for run in runs:
+                x = self.to_pixels(run.candidate.detach())
+                images.append(x.cpu())
+                final = math.inf
+                if run.failure is None:
+                    final = float(self.matcher(self._candidate_update(x, run.loss_fn, create_graph=False)))
+                    if not math.isfinite(final):
+                        run.failure = DivergenceError("the final matching loss is NaN/inf", step=self.spec.iterations)
+                losses.append(final if run.failure is None else math.inf)
+                failures.append(run.failure)
+                histories.append(run.history)
+                label_sets.append(getattr(run.loss_fn, "labels", None))
+        if all(f is not None for f in failures):
+            raise _all_diverged(failures)
+        chosen = min(range(len(losses)), key=lambda i: losses[i])
         labels = label_sets[chosen]
+        diverged = "; ".join(f"restart {r}: {f.message}" for r, f in enumerate(failures) if f is not None)
         return Reconstruction(
-            images=out, matching_loss=losses[chosen], restart_images=[im.clamp(0, 1) for im in images],
-            restart_losses=losses, chosen=chosen, init=inits[chosen].detach().cpu().clamp(0, 1),
+            images=images[chosen].clamp(0, 1), matching_loss=losses[chosen],
+            restart_images=[im.clamp(0, 1) for im in images], restart_losses=losses, chosen=chosen,
+            init=inits[chosen].detach().cpu().clamp(0, 1),
             labels=None if labels is None else labels.detach().cpu(), history=histories[chosen],
+            diverged=diverged or None, restarts_diverged=sum(f is not None for f in failures),
         )
 
     def _loss_fn_for_restart(self, restart: int):
@@ -318,62 +360,79 @@ class Attacker:
         return ClassificationLoss(soft_logits=soft), [soft]
 
     def _start(self, x0: torch.Tensor) -> torch.Tensor:
-        x = x0.detach().clone()
-        if self.spec.clamp:
-            x = x.clamp(0, 1)
-        return x.requires_grad_(True)
+        """The candidate at the start: the init in the attack's space, not boxed (as the
+        references: the box applies after each step)."""
+        return self.to_candidate(x0.detach()).clone().requires_grad_(True)
 
-    def _optimize(self, x0: torch.Tensor, control: bool, callback, restart: int):
-        x = self._start(x0)
+    def _optimize(self, x0: torch.Tensor, control: bool, callback, restart: int) -> _Run:
+        z = self._start(x0)
         loss_fn, extra = self._loss_fn_for_restart(restart)
         history: list[dict] = []
 
         def log(step: int, parts: dict[str, torch.Tensor]) -> None:
-            history.append(_record(step, {k: float(v.detach()) for k, v in parts.items()}, x, callback))
+            values = {k: float(v.detach()) for k, v in parts.items()}
+            history.append(_record(step, values, self.to_pixels(z.detach()), callback))
 
-        self._descend([x] + extra, lambda: self._objective(x, loss_fn, control), log)
-        return x, history, loss_fn
+        outcome = self._descend([z] + extra, lambda: self._objective(self.to_pixels(z), loss_fn, control, z),
+                                log, batched=False)
+        best = outcome.variables
+        if extra:
+            loss_fn = ClassificationLoss(soft_logits=best[1])
+        return _Run(best[0], history, loss_fn, outcome.failures[0])
 
-    def _optimize_batched(self, inits: list[torch.Tensor], control: bool, callback):
-        """All restarts at once: one vmapped objective over a stacked [R, B, ...] image tensor.
+    def _optimize_batched(self, inits: list[torch.Tensor], control: bool, callback) -> list[_Run]:
+        """All restarts at once: one vmapped objective over a stacked [R, B, ...] candidate.
 
         Adam and signed gradients act element-wise, so one optimizer over the stack is R
         independent optimizers; the summed objective's gradient w.r.t. restart r is restart r's own.
         """
         n = len(inits)
-        x = self._start(torch.stack(inits))
+        z = self._start(torch.stack(inits))
         loss_fns = [self._loss_fn_for_restart(r)[0] for r in range(n)]
         soft = None
         if self.labels is None:  # joint labels: one soft-logit tensor per restart, stacked
             soft = torch.stack([f.soft_logits.detach() for f in loss_fns]).requires_grad_(True)
         functional = (dict(zip(self.names, self.params)), dict(self.model.named_buffers()))
 
-        def one(xr, sr):
+        def one(zr, sr):
             loss_fn = self.labels if sr is None else ClassificationLoss(soft_logits=sr)
-            return self._objective(xr, loss_fn, control, functional=functional)
+            return self._objective(self.to_pixels(zr), loss_fn, control, zr, functional=functional)
 
         batched = torch.func.vmap(one, in_dims=(0, None if soft is None else 0), randomness="different")
 
         def objective():
-            totals, parts = batched(x, soft)
-            return totals.sum(), parts
+            totals, parts = batched(z, soft)
+            # a diverged restart's NaN must not reach the others' gradients through the sum
+            return torch.where(torch.isfinite(totals), totals, 0.0).sum(), parts
 
         histories: list[list[dict]] = [[] for _ in range(n)]
 
         def log(step: int, parts: dict[str, torch.Tensor]) -> None:
             values = {k: v.detach().cpu().tolist() for k, v in parts.items()}
             for r in range(n):
-                histories[r].append(_record(step, {k: v[r] for k, v in values.items()}, x[r], callback))
+                histories[r].append(_record(step, {k: v[r] for k, v in values.items()},
+                                            self.to_pixels(z[r].detach()), callback))
 
         with _vmappable_batch_norm(self.model):
-            self._descend([x] + ([soft] if soft is not None else []), objective, log)
+            outcome = self._descend([z] + ([soft] if soft is not None else []), objective, log, batched=True)
+        best = outcome.variables
         if soft is not None:
-            loss_fns = [ClassificationLoss(soft_logits=soft[r]) for r in range(n)]
-        return [(x[r], histories[r], loss_fns[r]) for r in range(n)]
+            loss_fns = [ClassificationLoss(soft_logits=best[1][r]) for r in range(n)]
+        return [_Run(best[0][r], histories[r], loss_fns[r], outcome.failures[r]) for r in range(n)]
 
-    def _descend(self, variables: list[torch.Tensor], objective, log) -> None:
+    def _milestones(self) -> list[int]:
+        """Step-decay points as both references compute them (N//2.667, N//1.6, N//1.142)."""
+        n = self.spec.iterations
+        return [int(n // f) for f in (2.667, 1.6, 1.142)] if self.spec.decay else []
+
+    def _descend(self, variables: list[torch.Tensor], objective, log, batched: bool) -> _Descent:
         """``spec.iterations`` steps of Adam (signed, step decay) or L-BFGS on ``variables``
-        (images first); ``log(step, parts)`` every ``log_every`` steps and at the last."""
+        (the candidate first; with ``batched`` every variable has a leading restart dimension).
+
+        Tracks, per restart, the iterate with the lowest objective (``keep=best``), boxes the
+        candidate after each step (``clamp``), and stops a restart at the step where its values
+        turn NaN/inf, restoring its best iterate. ``log(step, parts)`` every ``log_every`` steps.
+        """
         spec = self.spec
         x = variables[0]
         iters = spec.iterations
@@ -382,8 +441,14 @@ class Attacker:
             sched = None
         else:
             opt = torch.optim.Adam(variables, lr=spec.lr)
-            milestones = [int(iters * f) for f in (3 / 8, 5 / 8, 7 / 8)] if spec.decay else []
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self._milestones(), gamma=0.1)
+        lo, hi = self.box()
+        rows = (lambda t: t) if batched else (lambda t: t.unsqueeze(0))  # [R, ...] views
+        n = rows(x).shape[0]
+        best = [rows(v.detach()).clone() for v in variables]
+        best_val = torch.full((n,), math.inf, device=x.device)
+        failures: list[DivergenceError | None] = [None] * n
+        alive = torch.ones(n, dtype=torch.bool, device=x.device)
         last_parts: dict[str, torch.Tensor] = {}
 
         def closure():
@@ -398,19 +463,67 @@ class Attacker:
             last_parts.update(parts)
             return total
 
+        def remember(values: torch.Tensor, current: list[torch.Tensor]) -> None:
+            better = alive & torch.isfinite(values) & (values < best_val)
+            if bool(better.any()):
+                best_val[better] = values[better]
+                for b, v in zip(best, current):
+                    b[better] = v[better]
+
         for step in range(iters):
             if spec.optimizer == "lbfgs":
-                opt.step(closure)
+                before = [rows(v.detach()).clone() for v in variables]
+                first = opt.step(closure)  # the first evaluation is at the pre-step iterate
+                remember(first.detach().reshape(1), before)
             else:
                 closure()
+                remember(last_parts["total"].detach().reshape(-1), [rows(v.detach()) for v in variables])
                 opt.step()
                 sched.step()
             if spec.clamp:
                 with torch.no_grad():
-                    x.clamp_(0, 1)
-            _check_finite(step, last_parts, x)  # every step: the reported step is where it happened
+                    torch.max(torch.min(x, hi), lo, out=x)
+            bad = _non_finite(step, last_parts, rows(x.detach()), n)  # every step: exact step reported
+            if bad:
+                for r, err in bad.items():
+                    if failures[r] is None:
+                        failures[r] = err
+                        alive[r] = False
+                if not bool(alive.any()):
+                    break
+                with torch.no_grad():  # a diverged restart (batched) rests at its best iterate
+                    for v, b in zip(variables, best):
+                        rows(v)[~alive] = b[~alive]
             if step % spec.log_every == 0 or step == iters - 1:
                 log(step, last_parts)
+        if spec.keep == "best" and bool(alive.any()):
+            total, parts = objective()  # the final iterate is a candidate too
+            remember(parts["total"].detach().reshape(-1), [rows(v.detach()) for v in variables])
+        if spec.keep == "last":
+            for v, b in zip(variables, best):
+                b[alive] = rows(v.detach())[alive]
+        else:
+            never = alive & ~torch.isfinite(best_val)  # no finite objective seen: keep the last
+            for v, b in zip(variables, best):
+                b[never] = rows(v.detach())[never]
+        out = best if batched else [b[0] for b in best]
+        return _Descent(out, failures)
+
+
+@dataclass
+class _Run:
+    """One restart's outcome: the kept candidate, its logged history, its loss and any failure."""
+
+    candidate: torch.Tensor
+    history: list[dict]
+    loss_fn: object
+    failure: DivergenceError | None
+
+
+@dataclass
+class _Descent:
+    variables: list[torch.Tensor]
+    failures: list[DivergenceError | None]
 
 
 def _record(step: int, values: dict[str, float], x: torch.Tensor, callback) -> dict:
@@ -464,17 +577,27 @@ def _composite_bn_forward(m: nn.Module):
     return forward
 
 
-def _check_finite(step: int, parts: dict[str, torch.Tensor], x: torch.Tensor) -> None:
-    """Raise DivergenceError naming what went NaN/inf (loss terms, image) at ``step``.
+def _non_finite(step: int, parts: dict[str, torch.Tensor], x: torch.Tensor, n: int) -> dict[int, DivergenceError]:
+    """Restarts (rows of ``x``, entries of each part) whose values went NaN/inf at ``step``, each
+    with an error naming what did. One device sync per step in the common case."""
+    values = [v.detach().float().reshape(-1).expand(n) for v in parts.values()]
+    stacked = torch.stack(values) if values else x.new_zeros((0, n))
+    ok = torch.isfinite(stacked).all(0) & torch.isfinite(x.reshape(n, -1)).all(1)
+    if bool(ok.all()):
+        return {}
+    out = {}
+    for r in (~ok).nonzero().flatten().tolist():
+        bad = [f"{k}={float(v[r]):g}" for k, v in zip(parts, values) if not bool(torch.isfinite(v[r]))]
+        pixels = int((~torch.isfinite(x[r])).sum())
+        if pixels:
+            bad.append(f"{pixels} image value(s) NaN/inf")
+        out[r] = DivergenceError(f"the attack diverged at step {step}: {', '.join(bad)}", step=step)
+    return out
 
-    One device sync per step: the common case checks a single stacked tensor.
-    """
-    values = [v.detach().float().reshape(-1) for v in parts.values()]  # one value per restart
-    losses_ok = not values or bool(torch.isfinite(torch.cat(values)).all())
-    if losses_ok and bool(torch.isfinite(x).all()):
-        return
-    bad = [f"{k}={float(v[~torch.isfinite(v)][0]):g}" for k, v in zip(parts, values) if not bool(torch.isfinite(v).all())]
-    pixels = int((~torch.isfinite(x.detach())).sum())
-    if pixels:
-        bad.append(f"{pixels} image value(s) NaN/inf")
-    raise DivergenceError(f"the attack diverged at step {step}: {', '.join(bad)}", step=step)
+
+def _all_diverged(failures: list[DivergenceError]) -> DivergenceError:
+    """The error when no restart survived: the first failure, with the others counted."""
+    first = min(failures, key=lambda f: f.step)
+    if len(failures) == 1:
+        return first
+    return DivergenceError(f"every restart ({len(failures)}) diverged; first: {first.message}", step=first.step)

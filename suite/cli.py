@@ -13,6 +13,7 @@ import sys
 import suite  # noqa: F401  (offline defaults first)
 
 COMMANDS = ("doctor", "variants", "attack", "study", "audit", "ui")
+COMPUTES = ("attack", "study", "audit")  # the subcommands that run attacks in this process
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gistress", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"gistress {suite.__version__}")
+    parser.add_argument("--threads", default=None,
+                        help="intra-op CPU threads for attacks: auto (1 on up to 4 CPUs, else half) or N "
+                             "(default: $GISTRESS_THREADS or auto; see docs/benchmarks.md)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -61,10 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from suite.study import _install_sigterm
-
-    restore = _install_sigterm()  # SIGTERM ends runs KILLED, exactly like Ctrl-C
+    restore = lambda: None  # noqa: E731
     try:
+        from suite.threads import ENV, resolve_threads
+
+        threads = resolve_threads(args.threads)  # a bad value fails before any work
+        if args.command in COMPUTES:
+            import os
+
+            from suite.study import _install_sigterm
+            from suite.threads import apply_threads
+
+            restore = _install_sigterm()  # SIGTERM ends runs KILLED, exactly like Ctrl-C
+            os.environ.setdefault(ENV, str(threads))  # worker processes follow the same choice
+            apply_threads(threads)
         return int(args._run(args) or 0)
     except GistressError as exc:
         if args.debug:

@@ -15,21 +15,27 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from suite.errors import GistressError, close_matches
 from suite.threat import ThreatModel
 
-# Published defaults. Sources: Geiping et al. 2020 (Inverting Gradients), Zhu et al. 2019 (DLG),
-# and the first paper's authors' public LeakPro code (gia_bn), see shared/papers/README.md.
+# Published defaults, each as its authors' code runs it (README "Attack presets" lists every
+# value and its source):
+# - ig: breaching 0.1.2, config attack/invertinggradients (Geiping et al. 2020);
+# - dlg: breaching's attack/deepleakage with known labels, or joint soft labels (Zhu et al. 2019);
+# - gia_bn: the GIA "running statistics" attack in the first paper's authors' public code
+#   (LeakPro, GIABaseRunningConfig).
+# All three optimize the candidate in the variant's normalized space (x - mean) / std, start from
+# an unclamped N(0, 1) draw there, box it to the valid image range after each step (ig, gia_bn),
+# decay the step at N//2.667, N//1.6, N//1.142 and return the iterate with the lowest objective.
 PRESETS: dict[str, dict] = {
-    # IG: breaching's invertinggradients config (TV 0.2 on mean |dx| + mean |dy|, 24k iterations)
     "ig": dict(
-        objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.2,
-        bn_prior=0.0, init="random", labels="auto", clamp=True,
+        objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.2, tv_kind="padded",
+        bn_prior=0.0, init="random", labels="auto", clamp=True, space="normalized", keep="best",
     ),
     "dlg": dict(
-        objective="l2", optimizer="lbfgs", lr=1.0, signed=False, decay=False, tv=0.0,
-        bn_prior=0.0, init="random", labels="joint", clamp=False,
+        objective="l2", optimizer="lbfgs", lr=1.0, signed=False, decay=False, tv=0.0, tv_kind="padded",
+        bn_prior=0.0, init="random", labels="joint", clamp=False, space="normalized", keep="best",
     ),
     "gia_bn": dict(
-        objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.052,
-        bn_prior=0.00016, init="random", labels="auto", clamp=True,
+        objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.052, tv_kind="interior",
+        bn_prior=0.00016, init="random", labels="auto", clamp=True, space="normalized", keep="best",
     ),
 }
 
@@ -61,7 +67,15 @@ class AttackSpec(BaseModel):
     labels: Literal["auto", "joint"] | None = None
     control: bool = False
     log_every: int = Field(25, ge=1)
-    clamp: bool | None = None                             # keep pixels in [0, 1] after each step
+    clamp: bool | None = None                             # box to the valid image range after each step
+    # normalized: the candidate lives in the variant's (x - mean) / std space, where lr, TV and the
+    # box act (the references); pixel: the candidate is [0, 1] pixels (steps ~1/std larger)
+    space: Literal["normalized", "pixel"] | None = None
+    # padded: breaching's TV (zero-padded differences, mean over every pixel of |dx| + |dy|);
+    # interior: mean |dx| + mean |dy| over neighbouring pixels only (LeakPro)
+    tv_kind: Literal["padded", "interior"] | None = None
+    # best: return the iterate with the lowest objective seen (the references); last: the final one
+    keep: Literal["best", "last"] | None = None
 
     @model_validator(mode="after")
     def _fill_from_preset(self):
@@ -146,7 +160,11 @@ class RunConfig(BaseModel):
             "optimizer": a.optimizer,
             "lr": a.lr,
             "signed": a.signed,
+            "space": a.space,
+            "clamp": a.clamp,
+            "keep": a.keep,
             "tv": a.tv,
+            "tv_kind": a.tv_kind,
             "bn_prior": a.bn_prior,
             "init": a.init,
             "noise_p": a.noise_p if a.noise_p is not None else "none",

@@ -166,7 +166,10 @@ def execute_setting(job: SettingJob) -> dict:
     from suite.tracking import numeric_metrics, one_line_error, setting_run
 
     if job.in_worker:
+        from suite.threads import apply_threads
+
         _worker_sigterm()
+        apply_threads()  # the parent's --threads choice, passed on as GISTRESS_THREADS
     t0 = time.time()
     row: dict[str, Any] = {"index": job.index, "name": job.name, "run_id": job.run_id, "status": "FAILED",
                            "metrics": {}, "artifacts": {}, "error": None}

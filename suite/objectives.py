@@ -99,8 +99,19 @@ class _CosineDistance(torch.autograd.Function):
         return (None, None, None, *grads, *([None] * n))
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation: mean absolute difference of neighbouring pixels."""
+def total_variation(x: torch.Tensor, kind: str = "interior") -> torch.Tensor:
+    """Anisotropic total variation of an image batch.
+
+    ``interior``: mean |dx| + mean |dy| over neighbouring pixels (LeakPro's form).
+    ``padded``: breaching's form: forward differences with a zero border, ``|d| + 1e-8`` per
+    direction, averaged over every pixel of every channel; the border terms pull the edge pixels
+    towards 0 (the dataset mean, when ``x`` is a normalized candidate).
+    """
+    if kind == "padded":
+        padded = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        dx = padded[:, :, :-1, 1:] - x
+        dy = padded[:, :, 1:, :-1] - x
+        return ((dx.abs() + 1e-8) + (dy.abs() + 1e-8)).mean()
     dx = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
     dy = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean()
     return dx + dy

@@ -59,7 +59,8 @@ class Reconstruction:
     init: torch.Tensor                        # the start of the chosen restart
     labels: torch.Tensor | None = None        # labels used or recovered
     history: list[dict] = field(default_factory=list)  # step metrics of the chosen restart
-    diverged: str | None = None               # reason, when NaN/inf stopped the optimization
+    diverged: str | None = None               # which restarts NaN/inf stopped, and where
+    restarts_diverged: int = 0                # how many restarts diverged (their loss is inf)
 
 
 @dataclass

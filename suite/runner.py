@@ -175,7 +175,8 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
 
     control = control_scores = None
     if cfg.attack.control or cfg.attack.init == "noisy_target":
-        control = attacker.reconstruct([recon.init] if inits is None else inits, control=True)
+        # the attack's own starts, restart count and selection rule: "same init and budget" literally
+        control = attacker.reconstruct(inits, control=True)
         control_scores = score(batch.images, control.images, content=batch.content, **thr)
         control.matching_loss = attacker.matching_loss(control.images.to(device))
 
@@ -196,6 +197,7 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         from suite.labels import label_accuracy
 
         metrics["label_accuracy"] = label_accuracy(attacker.inferred_labels.cpu(), batch.labels.cpu())
+    metrics["restarts_diverged"] = recon.restarts_diverged
     metrics["seconds"] = time.perf_counter() - t0
 
     uses_bn_prior = bool(cfg.attack.bn_prior) and _has_bn(variant.model)
@@ -212,6 +214,8 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     }
     if calibrated_on:
         tags["calibrated_on"] = calibrated_on
+    if recon.diverged:
+        tags["diverged"] = recon.diverged
     if attacker.inferred_labels is not None:
         tags["inferred_labels"] = ",".join(str(int(v)) for v in attacker.inferred_labels.cpu())
 

@@ -28,28 +28,17 @@ def astronaut32():
 
 
 def test_dlg_lenet_recovers_image_above_30db(astronaut32):
-    """The textbook DLG claim: sigmoid LeNet, one 32x32 natural image, label known, L-BFGS."""
+    """The textbook DLG claim: sigmoid LeNet, one 32x32 natural image, label known, L-BFGS.
+
+    The attacker runs its whole budget and chooses what to return by its own objective; only
+    the returned reconstruction is scored against the target.
+    """
     torch.manual_seed(0)
     v = variants.build("lenet", seed=0)
     obs = Client(v.model, v.task, ThreatModel()).share(astronaut32)
-    spec = AttackSpec(preset="dlg", iterations=300, log_every=10)
-    attacker = Attacker(v, obs, spec, seed=0)
-
-    # stop as soon as the target is reached: the assertion is "within 300 iterations"
-    class Reached(Exception):
-        pass
-
-    best = {"psnr": 0.0}
-
-    def cb(step, record, x):
-        best["psnr"] = max(best["psnr"], _psnr(x, astronaut32.images))
-        if best["psnr"] > 30:
-            raise Reached
-        return None
-
-    with pytest.raises(Reached):
-        attacker.reconstruct(callback=cb)
-    assert best["psnr"] > 30
+    spec = AttackSpec(preset="dlg", iterations=300, log_every=300)
+    recon = Attacker(v, obs, spec, seed=0).reconstruct()
+    assert _psnr(recon.images, astronaut32.images) > 30
 
 
 def test_train_mode_client_gradient_equals_training_step_and_stats_move():

@@ -114,6 +114,18 @@ def test_describe_all_lists_every_family():
     assert list(rows)[:4] == ["resnet18", "resnet34", "preact_resnet18", "preact_resnet34"]
 
 
+def test_catalogue_that_gistress_variants_reads_matches_the_registry(tmp_path):
+    """`gistress variants` reads variants/catalogue.json (no torch import); it must be what a
+    fresh build of every registered variant says (regenerate: python -m variants.listing)."""
+    import json
+
+    from suite.commands.variants import catalogue
+    from variants.listing import write_catalogue
+
+    fresh = json.loads(write_catalogue(tmp_path / "catalogue.json").read_text())
+    assert catalogue() == fresh, "variants/catalogue.json is stale: run `python -m variants.listing`"
+
+
 # ---------------------------------------------------------------- small variants: forward passes
 
 SMALL = [

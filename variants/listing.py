@@ -1,15 +1,22 @@
 """What ``gistress variants`` lists: name, task, parameter count, input size, description.
 
-Parameters are counted on the meta device (shapes only, no memory, no initialization work), so
-listing every variant, ViT-B included, takes seconds. Builders that cannot run on the meta
-device (e.g. ones that need real values while constructing) fall back to a normal build.
+Parameters are counted on the meta device (shapes only, no memory, no initialization work).
+Even so, building every family imports timm and ultralytics, which takes seconds, so the listing
+is generated once into ``variants/catalogue.json`` (``python -m variants.listing``) and read from
+there without importing torch; a test rebuilds it and fails when it is out of date.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import torch
 
 from variants.base import Variant, VariantEntry, entries, lookup
+
+CATALOGUE = Path(__file__).with_name("catalogue.json")
 
 
 def _build_cheaply(build) -> Variant:
@@ -48,3 +55,13 @@ def describe(name_or_entry: str | VariantEntry) -> dict:
 def describe_all() -> list[dict]:
     """``describe`` for every registered variant, in registry order."""
     return [describe(entry) for entry in entries().values()]
+
+
+def write_catalogue(path: Path = CATALOGUE) -> Path:
+    """Regenerate the catalogue file from the registry (real builds on the meta device)."""
+    path.write_text(json.dumps(describe_all(), indent=1) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(write_catalogue(Path(sys.argv[1]) if len(sys.argv) > 1 else CATALOGUE))
