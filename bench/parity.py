@@ -91,9 +91,8 @@ def _gistress(case: Case, v, obs, iterations: int, seed: int):
 def _breaching(case: Case, v, obs, iterations: int):
     """breaching's attacker on the variant's inner network (it takes normalized input), with the
     server payload (parameters, and buffers for eval-mode BN) and the user's shared data."""
-    import torch
-
     import breaching
+    import torch
 
     logging.getLogger("breaching").setLevel(logging.WARNING)
     cfg = breaching.get_attack_config(case.breaching_config,
@@ -181,7 +180,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (case, iters), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order
                                                                     else len(order), kv[0][1])):
-        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        def med(key: str, rs=rs) -> float:
+            return statistics.median(r[key] for r in rs)
+
         out.append(dict(
             case=case, iterations=iters, seeds=len(rs),
             psnr_breaching=med("psnr_breaching"), psnr_gistress=med("psnr_gistress"),
