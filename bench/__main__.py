@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.blocks import replace_block
+
 DEFAULT_VARIANTS = [
     "lenet", "convnet", "resnet18", "preact_resnet18", "resnet18@imagenet", "vit_b_16", "swin_t",
     "convnext_t", "maxvit_t", "yolov8n", "yolov8n-basicblock", "yolov8n-preact",
@@ -190,19 +192,6 @@ def markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, block: str) -> None:
-    """Replace the generated block in ``path``, keeping the hand-written analysis around it."""
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        text = before + block + ("\n" + after if after else "")
-    else:
-        text = "# Benchmarks\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def profile_one(entry: str, device: str, top: int = 25) -> str:
     """Operator table (self time) of one attack iteration after warm-up: the profiler evidence."""
     import torch
@@ -247,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.parity import main as parity_main
 
         return parity_main(argv[1:])
+    if argv[:1] == ["cli"]:
+        from bench.cli import main as cli_main
+
+        return cli_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
     p.add_argument("--devices", default=None, help="comma list; default cpu (+cuda when available)")
@@ -300,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     if args.threads:
         info["threads"] = args.threads
-    write_markdown(Path(args.out), markdown(rows, info))
+    replace_block(Path(args.out), BEGIN, END, markdown(rows, info), "Per variant")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
     print(f"wrote {args.out} and {args.json_out}")

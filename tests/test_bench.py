@@ -36,3 +36,45 @@ def test_bench_profile_prints_the_operator_table():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Self CPU" in proc.stdout and "aten::" in proc.stdout
+
+
+def test_parity_smoke_both_engines_agree_at_the_start_and_return_finite_images(tmp_path):
+    """`python -m bench parity` at a tiny budget: the objectives agree at the start (the harness
+    asserts it before attacking), both engines return images, and the report is written."""
+    md, fig, js, rows = tmp_path / "b.md", tmp_path / "parity.png", tmp_path / "parity.json", tmp_path / "rows.jsonl"
+    md.write_text("# Benchmarks\n\nanalysis kept\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "parity", "--iterations", "2", "--seeds", "0", "--results", str(rows),
+         "--out", str(md), "--figure", str(fig), "--json-out", str(js)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(js.read_text())
+    assert {r["case"] for r in data["rows"]} == {"resnet18-train", "resnet18-eval", "convnet", "lenet-dlg"}
+    for r in data["rows"]:
+        assert abs(r["objective_gistress"] - r["objective_breaching"]) <= 1e-5
+        assert 0 < r["psnr_breaching"] < 100 and 0 < r["psnr_gistress"] < 100
+        assert r["s_per_iter_breaching"] > 0 and r["s_per_iter_gistress"] > 0
+    text = md.read_text()
+    assert "analysis kept" in text and "| resnet18-eval | 2 | 1 |" in text and "parity.png" in text
+    assert fig.stat().st_size > 1000
+
+
+def test_parity_refuses_an_unknown_case_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "bench", "parity", "--cases", "resnet99"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown case 'resnet99'" in proc.stderr
+
+
+def test_cli_bench_writes_startup_and_dlg_rows(tmp_path):
+    md, js = tmp_path / "b.md", tmp_path / "cli.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "cli", "--iterations", "3", "--reps", "1", "--loads", "0",
+         "--out", str(md), "--json-out", str(js)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(js.read_text())
+    assert set(row["startup_s"]) == {"--help", "variants", "doctor"} and all(v > 0 for v in row["startup_s"].values())
+    assert row["engine_s"] > 0 and row["cli_s"] > row["engine_s"] and row["cli_fixed_s"] > 0
+    assert "| 0 |" in md.read_text()
