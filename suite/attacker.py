@@ -337,7 +337,7 @@ class Attacker:
                 losses.append(final if run.failure is None else math.inf)
                 failures.append(run.failure)
                 histories.append(run.history)
-                label_sets.append(getattr(run.loss_fn, "labels", None))
+                label_sets.append(_labels_of(run.loss_fn))
         if all(f is not None for f in failures):
             raise _all_diverged(failures)
         chosen = min(range(len(losses)), key=lambda i: losses[i])
@@ -524,6 +524,16 @@ class _Run:
 class _Descent:
     variables: list[torch.Tensor]
     failures: list[DivergenceError | None]
+
+
+def _labels_of(loss_fn) -> torch.Tensor | None:
+    """The labels an attack used or recovered: given or inferred ones, or the arg-max of the
+    jointly optimized soft labels (DLG)."""
+    labels = getattr(loss_fn, "labels", None)
+    soft = getattr(loss_fn, "soft_logits", None)
+    if labels is None and soft is not None:
+        return soft.detach().argmax(-1)
+    return labels
 
 
 def _record(step: int, values: dict[str, float], x: torch.Tensor, callback) -> dict:

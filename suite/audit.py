@@ -46,6 +46,7 @@ from typing import Any
 
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
+from suite.positive_control import INCONCLUSIVE, NO_LEAK, control_config, level_verdict, reference_for
 from suite.results import jsonable
 
 # The realistic client every level starts from.
@@ -53,6 +54,7 @@ REALISTIC = dict(bn_mode="train", update="gradient", shares_labels=True, bn_stat
                  attacker_knows_training=True)
 KIND = "audit"
 LEVEL_KIND = "audit_level"
+CONTROL_KIND = "audit_positive_control"
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ BATTERY: tuple[ThreatLevel, ...] = (
         "the strongest attack (exact BN batch statistics, inference-mode BN, BN prior, restarts: "
         "an upper bound)",
         {"bn_mode": "eval", "bn_stats": "exact"}, preset="gia_bn", eval_mode=True, strongest=True),
+    ThreatLevel(
+        "dlg", "DLG (L2, L-BFGS)",
+        "level 1 attacked with DLG instead: squared-L2 gradient matching and L-BFGS (joint soft labels "
+        "when labels are not shared), the attack small sigmoid networks fall to where ig does not",
+        "the DLG attack (L2 matching, L-BFGS)", {}, preset="dlg", classification_only=True),
 )
 
 
@@ -113,6 +120,7 @@ class Budget:
     name: str
     ig_iterations: int              # levels with preset ig (1, 3, 4, 5)
     gia_bn_iterations: int          # levels with preset gia_bn (2, 6)
+    dlg_iterations: int             # level 7 (preset dlg): L-BFGS steps, up to 20 evaluations each
     strongest_restarts: int         # level 6; every other level runs one restart
     max_images: int | None
     default_images: int
@@ -125,16 +133,17 @@ class Budget:
             "the variant's full input size"
         imgs = f"at most {self.max_images} images" if self.max_images else "every requested image"
         return (f"{self.name}: preset ig {self.ig_iterations:,} iterations, preset gia_bn "
-                f"{self.gia_bn_iterations:,} iterations; 1 restart, level 6 {self.strongest_restarts} restarts; "
+                f"{self.gia_bn_iterations:,} iterations, preset dlg {self.dlg_iterations:,} L-BFGS steps; 1 restart, level 6 {self.strongest_restarts} restarts; "
                 f"{imgs} (default {self.default_images}); {size}; meant for {self.meant_for}")
 
 
 BUDGETS: dict[str, Budget] = {
-    "quick": Budget("quick", ig_iterations=100, gia_bn_iterations=100, strongest_restarts=2, max_images=2,
+    "quick": Budget("quick", ig_iterations=100, gia_bn_iterations=100, dlg_iterations=100, strongest_restarts=2, max_images=2,
                     default_images=2, size_cap=256, meant_for="a laptop CPU (minutes)"),
-    "thorough": Budget("thorough", ig_iterations=24_000, gia_bn_iterations=10_000, strongest_restarts=4,
+    "thorough": Budget("thorough", ig_iterations=24_000, gia_bn_iterations=10_000, dlg_iterations=1_200,
+                       strongest_restarts=4,
                        max_images=None, default_images=8, size_cap=None,
-                       meant_for="a GPU (paper scale: IG 24,000 and gia_bn 10,000 iterations)"),
+                       meant_for="a GPU (paper scale: IG 24,000, gia_bn 10,000 and DLG 1,200 iterations)"),
 }
 
 # Verdict table: (key, header). The same columns in the terminal, report, CSV and JSON.
@@ -148,6 +157,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ssim", "SSIM (median)"),
     ("lpips", "LPIPS (median)"),
     ("gain_psnr", "gain dB (median)"),
+    ("positive_control", "positive control"),
     ("leaked", "leaked"),
 )
 # A level's gradient gain below this (dB) means the prior alone explains most of a leak.
@@ -177,10 +187,20 @@ class PlannedLevel:
     config: RunConfig
     assumption_level: int
     notes: list[str] = field(default_factory=list)
+    control: RunConfig | None = None  # the positive control: same level on the reference model
+    is_control: bool = False          # this entry *is* a positive control
 
     @property
     def name(self) -> str:
-        return f"{self.number}. {self.level.key}"
+        base = f"{self.number}. {self.level.key}"
+        return f"{base} · positive control ({self.config.variant})" if self.is_control else base
+
+    def control_level(self) -> PlannedLevel | None:
+        """The positive control as a plannable level of its own (its own child run)."""
+        if self.control is None:
+            return None
+        return PlannedLevel(self.number, self.level, self.control, self.assumption_level,
+                            notes=[f"positive control on {self.control.variant}"], is_control=True)
 
     def client_configs(self) -> list[RunConfig]:
         """One config per client batch: each image on its own (batch of 1)."""
@@ -202,6 +222,8 @@ class AuditPlan:
     skipped: list[tuple[int, ThreatLevel, str]]
     notes: list[str]
     iterations_override: int | None = None
+    positive_control: bool = True     # run each level's positive control (--no-positive-control: off)
+    reference: str | None = None      # the known-leaky reference model, when the task has one
 
     def battery_lines(self) -> list[str]:
         """Every battery entry in order, with its config summary or the reason it is skipped."""
@@ -215,13 +237,16 @@ class AuditPlan:
                              + (f" x{t.local_steps} steps lr {t.local_lr}" if t.update == "fedavg" else "")
                              + f", shares_labels={str(t.shares_labels).lower()}, bn_stats={t.bn_stats}, "
                              f"preset={a.preset}, {a.iterations} iterations x {a.restarts} restart(s), "
-                             f"weights={planned[n].config.weights}, control on]")
+                             f"weights={planned[n].config.weights}, control on"
+                             + (f", positive control on {planned[n].control.variant}" if planned[n].control else "")
+                             + "]")
             else:
                 lines.append(f"{n}. {lv.key}: skipped ({skipped.get(n, 'not planned')})")
         return lines
 
 
-def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None = None) -> AuditPlan:
+def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None = None,
+               positive_control: bool = True) -> AuditPlan:
     """Resolve the battery for ``base`` (variant, weights, data, images, size, seed, device).
 
     Builds the variant once and loads the images, so a bad variant, option, checkpoint, image
@@ -272,7 +297,22 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
         if lv.classification_only and task != "classification":
             skipped.append((number, lv, "detection: boxes and classes are always shared"))
             continue
-        levels.append(_plan_level(number, lv, base, b, images, size, has_bn, iterations))
+        pl = _plan_level(number, lv, base, b, images, size, has_bn, iterations, task)
+        if positive_control:
+            pl.control = control_config(pl.config, task, variant.num_classes)
+        levels.append(pl)
+    reference = reference_for(task)
+    if positive_control and reference:
+        notes.append(f"positive controls: every level also ran, at the same budget and on the same images "
+                     f"(resized to 32 px), on {reference}, a model known to leak; a level that did not leak "
+                     "reads 'no leak at this budget' only where its positive control leaked, else "
+                     "'inconclusive'")
+    elif positive_control:
+        notes.append(f"positive controls: no known-leaky reference model exists for {task} yet, so a level "
+                     "that did not leak is reported 'inconclusive', not 'no leak'")
+    else:
+        notes.append("positive controls switched off (--no-positive-control): a level that did not leak "
+                     "reads 'no leak (sensitivity not checked)'")
     if task == "detection":
         notes.append("detection: boxes and classes are shared at every level (the detection attack "
                      "needs them; recorded as the grant labels=boxes+classes)")
@@ -285,7 +325,8 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
                      "meaningless; a random model is not the checkpoint your clients train, so audit "
                      "that checkpoint with --weights file:<path>")
     return AuditPlan(base=base, budget=b, images=images, size=size, task=task, has_bn=has_bn, levels=levels,
-                     skipped=skipped, notes=notes, iterations_override=iterations)
+                     skipped=skipped, notes=notes, iterations_override=iterations,
+                     positive_control=positive_control, reference=reference_for(task) if positive_control else None)
 
 
 def _budget_size(b: Budget, input_size: int) -> int:
@@ -293,13 +334,13 @@ def _budget_size(b: Budget, input_size: int) -> int:
 
 
 def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images: list[str], size: int,
-                has_bn: bool, iterations: int | None) -> PlannedLevel:
+                has_bn: bool, iterations: int | None, task: str) -> PlannedLevel:
     threat = {**REALISTIC, **lv.threat}
     notes = []
     if lv.strongest and not has_bn:
         threat = dict(REALISTIC)  # eval mode would only switch dropout off; no BN stats exist
         notes.append("no BatchNorm: train mode, no BN statistics")
-    iters = iterations or (b.gia_bn_iterations if lv.preset == "gia_bn" else b.ig_iterations)
+    iters = iterations or {"gia_bn": b.gia_bn_iterations, "dlg": b.dlg_iterations}.get(lv.preset, b.ig_iterations)
     restarts = b.strongest_restarts if lv.strongest else 1
     attack = dict(preset=lv.preset, iterations=iters, restarts=restarts, control=True,
                   log_every=max(1, iters // 50))
@@ -309,8 +350,7 @@ def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images
         notes.append("random weights: BN statistics calibrated on data")
     cfg = RunConfig(**{**base.model_dump(), "images": images, "size": size, "weights": weights,
                        "threat": threat, "attack": attack})
-    level = cfg.threat.assumption_level(uses_bn_prior=bool(cfg.attack.bn_prior) and has_bn,
-                                        uses_tv=bool(cfg.attack.tv))
+    level = cfg.assumption_level(task, has_bn=has_bn)
     return PlannedLevel(number=number, level=lv, config=cfg, assumption_level=level, notes=notes)
 
 
@@ -355,6 +395,16 @@ class LevelOutcome:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     figure: Path | None = None
+    positive: LevelOutcome | None = None   # the positive control's outcome (same level, reference model)
+    config_variant: str | None = None      # the variant this outcome attacked
+    control_expected: bool = False         # positive controls were asked for
+
+    @property
+    def verdict(self) -> str | None:
+        """leak | no leak at this budget | inconclusive | no leak (sensitivity not checked); None
+        when the level did not finish."""
+        return level_verdict(self.leaked, None if self.positive is None else self.positive.leaked,
+                             self.control_expected)
 
     @property
     def brr(self) -> float | None:
@@ -470,13 +520,30 @@ def verdict_rows(outcomes: list[LevelOutcome]) -> list[dict]:
             "lpips": lp if lp is not None else ("missing" if finished else None),
             "gain_psnr": o.median("gain_psnr") if finished else None,
             "control_psnr": o.median("control_psnr") if finished else None,
+            "positive_control_psnr": _positive_psnr(o),
+            "positive_control_leaked": None if o.positive is None else o.positive.leaked,
+            "positive_control_status": None if o.positive is None else _status_text(o.positive),
             "leaked": o.leaked,
+            "verdict": o.verdict,
             "status": _status_text(o),
             "n_images": len(o.samples),
             "run_id": o.run_id,
             "seconds": round(o.seconds, 1),
         })
     return rows
+
+
+def _positive_psnr(o: LevelOutcome) -> float | None:
+    p = o.positive
+    return p.median("psnr") if p is not None and p.status == "FINISHED" else None
+
+
+def _positive_cell(r: dict) -> str:
+    if r["positive_control_status"] is None:
+        return "-"
+    if r["positive_control_psnr"] is None:
+        return r["positive_control_status"]
+    return f"{r['positive_control_psnr']:.1f} dB, {'leaked' if r['positive_control_leaked'] else 'missed'}"
 
 
 def _status_text(o: LevelOutcome) -> str:
@@ -507,7 +574,8 @@ def display_rows(rows: list[dict]) -> list[dict[str, str]]:
             "ssim": _fmt(r["ssim"], 3),
             "lpips": r["lpips"] if isinstance(r["lpips"], str) else _fmt(r["lpips"], 3),
             "gain_psnr": _fmt(r["gain_psnr"], 2, signed=True),
-            "leaked": ("yes" if r["leaked"] else "no") if done else r["status"],
+            "positive_control": _positive_cell(r),
+            "leaked": ("yes" if r["leaked"] else r["verdict"]) if done else r["status"],
         }
         out.append(cell)
     return out
@@ -535,8 +603,9 @@ def conclusion(plan: AuditPlan, outcomes: list[LevelOutcome]) -> str:
                      f"reconstruction meet the leak rule ({rule}) at {budget}.")
     elif leaking[0].level.key == "realistic":
         o = leaking[0]
+        given = "boxes and classes" if plan.task == "detection" else "label"
         parts.append(f"Leaks under the realistic setting (level 1): from one FedSGD gradient of a single "
-                     f"image with its label, the server rebuilt {o.brr:.0%} of the audited images "
+                     f"image with its {given}, the server rebuilt {o.brr:.0%} of the audited images "
                      f"(median PSNR {o.median('psnr'):.1f} dB).")
         more = [x.level.key for x in leaking[1:]]
         if more:
@@ -547,6 +616,10 @@ def conclusion(plan: AuditPlan, outcomes: list[LevelOutcome]) -> str:
         if all(o.upper_bound for o in leaking):
             text += "; every leaking level is an upper bound, beyond what a realistic client shares"
         parts.append(text + f" (leaked levels: {', '.join(str(o.number) for o in leaking)}).")
+    parts += _sensitivity_sentences(plan, finished)
+    if plan.task == "detection" and finished:
+        parts.append("Every detection level gave the server the client's ground-truth boxes and classes "
+                     "(batch-specific side information, counted at SoK level 4).")
     weak = [o for o in leaking if (o.median("gain_psnr") or 0.0) < SMALL_GAIN_DB]
     if weak:
         parts.append(f"At level(s) {', '.join(str(o.number) for o in weak)} the gradient adds less than "
@@ -560,6 +633,31 @@ def conclusion(plan: AuditPlan, outcomes: list[LevelOutcome]) -> str:
                  "images, each as its own client batch of 1): a longer or different attack or other data "
                  "may leak where this one did not, so \"no leak\" is not a proof of privacy.")
     return " ".join(parts)
+
+
+def _sensitivity_sentences(plan: AuditPlan, finished: list[LevelOutcome]) -> list[str]:
+    """What the positive controls say about the levels that did not leak."""
+    quiet = [o for o in finished if not o.leaked]
+    if not quiet:
+        return []
+    if not plan.positive_control:
+        return ["Positive controls were switched off, so nothing shows that this budget would catch a "
+                "model that does leak: read 'no leak' as unchecked."]
+    confirmed = [o for o in quiet if o.verdict == NO_LEAK]
+    open_ = [o for o in quiet if o.verdict == INCONCLUSIVE]
+    out = []
+    if confirmed:
+        shown = "; ".join(f"level {o.number}: reference {_positive_psnr(o):.1f} dB, this model "
+                          f"{o.median('psnr'):.1f} dB" for o in confirmed)
+        out.append(f"No leak at this budget at level(s) {', '.join(str(o.number) for o in confirmed)}: the same "
+                   f"attack and budget recovered the known-leaky reference model {plan.reference} there ({shown}).")
+    if open_:
+        why = (f"the same attack and budget did not recover even the known-leaky reference model {plan.reference}"
+               if plan.reference else f"no known-leaky reference model exists for {plan.task} to show that this "
+               "budget catches a leak")
+        out.append(f"Inconclusive at level(s) {', '.join(str(o.number) for o in open_)}: {why}, so the budget is "
+                   "too small to tell; use a larger budget (--level thorough) before reading these as 'no leak'.")
+    return out
 
 
 def _rule_text(outcomes: list[LevelOutcome]) -> str:
@@ -606,6 +704,8 @@ class AuditOutcome:
             "budget": self.plan.budget.name,
             "leaked": bool(leaking) if finished else None,
             "leaking_levels": leaking,
+            "inconclusive_levels": [o.level.key for o in self.outcomes if o.verdict == INCONCLUSIVE],
+            "positive_control": self.plan.reference if self.plan.positive_control else None,
             "verdict": self.verdict,
             "columns": [k for k, _ in COLUMNS],
             "rows": verdict_rows(self.outcomes),
@@ -661,9 +761,17 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
                         continue
                     pl = planned[number]
                     outcome = LevelOutcome(number, lv, "FAILED", assumption_level=pl.assumption_level,
-                                           upper_bound=pl.config.threat.upper_bound, notes=list(pl.notes))
+                                           upper_bound=pl.config.threat.upper_bound, notes=list(pl.notes),
+                                           control_expected=plan.positive_control)
                     outcomes.append(outcome)  # before it runs, so an interrupt reports it KILLED
                     _run_level(outcome, pl, plan, client, exp_id, parent_id, out_dir, runner, progress, out)
+                    pc = pl.control_level()
+                    if pc is not None:
+                        outcome.positive = LevelOutcome(number, lv, "FAILED", assumption_level=pl.assumption_level,
+                                                        upper_bound=pc.config.threat.upper_bound,
+                                                        config_variant=pc.config.variant)
+                        _run_level(outcome.positive, pc, plan, client, exp_id, parent_id, out_dir, runner,
+                                   progress, out)
             except KeyboardInterrupt:
                 result.interrupted = True
                 done = {o.number for o in outcomes}
@@ -738,7 +846,8 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
 
     lv = pl.level
     t0 = time.perf_counter()
-    extra = {tracking.KIND_TAG: LEVEL_KIND, "audit.level": lv.key, "audit.number": pl.number,
+    extra = {tracking.KIND_TAG: CONTROL_KIND if pl.is_control else LEVEL_KIND, "audit.level": lv.key,
+             "audit.number": pl.number,
              "audit.budget": plan.budget.name, "images": ",".join(pl.config.images),
              "assumption_level": pl.assumption_level, "mlflow.parentRunId": parent_id,
              "client_batches": "each image is its own client batch of 1"}
@@ -746,8 +855,9 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
     run_id = client.create_run(exp_id, tags=tags, run_name=pl.name).info.run_id
     outcome.run_id = run_id
     handle = tracking.SettingRun(client, run_id, pl.config)
-    level_dir = out_dir / "levels" / f"{pl.number}_{lv.key}"
+    level_dir = out_dir / "levels" / (f"{pl.number}_{lv.key}" + ("_positive_control" if pl.is_control else ""))
     n = len(BATTERY)
+    label = f"{lv.key} · positive control ({pl.config.variant})" if pl.is_control else lv.key
     try:
         with tracking.terminal_status(client, run_id):
             params = pl.config.flat_params()
@@ -772,7 +882,7 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
                 sample = add_result(outcome, image, res)
                 _log_client(client, run_id, i, image, res)
                 ctrl = f", control {sample.control_psnr:.1f}" if sample.control_psnr is not None else ""
-                print(f"[{pl.number}/{n}] {lv.key} · {image}: PSNR {sample.psnr:.1f} dB{ctrl}, "
+                print(f"[{pl.number}/{n}] {label} · {image}: PSNR {sample.psnr:.1f} dB{ctrl}, "
                       f"leaked {'yes' if sample.leaked else 'no'} ({time.perf_counter() - ti:.0f} s)",
                       file=out, flush=True)
             outcome.status = "FINISHED"
@@ -787,7 +897,7 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
         outcome.status = "FAILED"
         outcome.error = tracking.one_line_error(exc, 300)
         outcome.samples, outcome.attempts_leaked = [], []
-        print(f"[{pl.number}/{n}] {lv.key}: FAILED: {outcome.error}", file=out, flush=True)
+        print(f"[{pl.number}/{n}] {label}: FAILED: {outcome.error}", file=out, flush=True)
     outcome.seconds = time.perf_counter() - t0
 
 
@@ -843,8 +953,10 @@ def _finish(result: AuditOutcome, client) -> None:
                 client.log_artifact(result.parent_run_id, str(path))
         leaking = [o.level.key for o in result.outcomes if o.leaked]
         finished = any(o.status == "FINISHED" for o in result.outcomes)
+        unsure = [o.level.key for o in result.outcomes if o.verdict == INCONCLUSIVE]
         client.set_tag(result.parent_run_id, "verdict",
-                       ("leaks: " + ",".join(leaking)) if leaking else "no leak" if finished else "no verdict")
+                       ("leaks: " + ",".join(leaking)) if leaking else
+                       ("inconclusive: " + ",".join(unsure)) if unsure else "no leak" if finished else "no verdict")
         client.set_tag(result.parent_run_id, "mlflow.note.content", result.verdict[:5000])
         counts: dict[str, int] = {}
         for o in result.outcomes:
@@ -986,6 +1098,13 @@ def report_blocks(result: AuditOutcome, rows: list[dict]) -> list[tuple]:
                            + (f", LPIPS {s.lpips:.3f}" if s.lpips is not None else "")
                            + f", leaked {'yes' if s.leaked else 'no'}" for label, s in o.best_and_median())
         text = f"{o.level.grants}. {picked}."
+        if o.positive is not None:
+            if o.positive.status == "FINISHED":
+                text += (f" Positive control: this budget recovers the reference model {o.positive.config_variant} "
+                         f"at {o.positive.median('psnr'):.1f} dB (leaked: {'yes' if o.positive.leaked else 'no'}); "
+                         f"your model: {o.median('psnr'):.1f} dB. Verdict: {o.verdict}.")
+            else:
+                text += f" Positive control {_status_text(o.positive)}. Verdict: {o.verdict}."
         if o.tags.get("calibrated_on"):
             text += f" BN statistics calibrated on {o.tags['calibrated_on']}."
         if o.tags.get("inferred_labels"):

@@ -134,6 +134,17 @@ class RunConfig(BaseModel):
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def assumption_level(self, task: str | None = None, has_bn: bool = True) -> int:
+        """The SoK assumption level of this setting: the threat model's grants plus the attack's
+        priors (a BN prior counts only on a model with BN layers). ``task`` defaults to the
+        variant's. The one place the level is computed (runner, tracking and audit use it)."""
+        if task is None:
+            from variants.base import task_of
+
+            task = task_of(self.variant)
+        return self.threat.assumption_level(uses_bn_prior=bool(self.attack.bn_prior) and has_bn,
+                                            uses_tv=bool(self.attack.tv), task=task)
+
     def flat_params(self) -> dict[str, str | int | float | bool]:
         """Flat MLflow params named by the suite's vocabulary."""
         a, t = self.attack, self.threat
@@ -167,6 +178,7 @@ class RunConfig(BaseModel):
             "tv_kind": a.tv_kind,
             "bn_prior": a.bn_prior,
             "init": a.init,
+            "init_file": a.init_file or "none",
             "noise_p": a.noise_p if a.noise_p is not None else "none",
             "noise_sigma": a.noise_sigma if a.noise_sigma is not None else "none",
             "labels": a.labels,

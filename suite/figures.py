@@ -52,6 +52,7 @@ def summary_records(rows: Sequence[dict], *, short_ids: bool = False) -> list[di
         rec["ssim"] = _fmt(m.get("ssim"), 3)
         rec["lpips"] = _fmt(m["lpips"], 3) if "lpips" in m else ("missing" if finished else "")
         rec["brr"] = _fmt(m.get("brr"), 2)
+        rec["leaked"] = ("yes" if m["brr"] > 0 else "no") if finished and "brr" in m else ""
         rec["control_psnr"] = _fmt(m.get("control_psnr"), 2)
         rec["gain_psnr"] = _fmt(m.get("gain_psnr"), 2, signed=True)
         rec["status"] = str(r.get("status", "")) + (" (earlier run)" if r.get("reused") else "")

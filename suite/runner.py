@@ -48,15 +48,24 @@ def _has_bn(model: torch.nn.Module) -> bool:
 
 
 def calibration_images(cfg: RunConfig, task: str, size: int, targets) -> tuple[torch.Tensor, str]:
-    """Images to estimate BN statistics on: other images of the same source when there are any
-    (so the target's own statistics do not leak into the model), else the targets themselves."""
+    """Images to estimate BN statistics on: other images of the same source, never the targets.
+
+    Calibrating on the targets would hand the model the client batch's own statistics (the
+    upper-bound grant ``bn_stats=exact``) while the run reports a realistic level, so a source
+    with no other images is refused.
+    """
     from suite import data
 
     others = [i for i in data.list_ids(cfg.data, task=task) if i not in set(targets.ids)][:8]
-    if others:
-        pool = data.load(cfg.data, task=task, size=size, images=others)
-        return pool.images, "other images of the source: " + ",".join(others)
-    return targets.images, "the target images (no other images in the source)"
+    if not others:
+        raise GistressError(
+            f"weights=calibrated needs images other than the attacked ones to estimate BN statistics, "
+            f"and '{cfg.data}' has no others (calibrating on the targets would give the attacker "
+            "their exact batch statistics)",
+            "add images to the data source beyond the attacked ones, or load trained weights with "
+            "--weights file:<checkpoint>")
+    pool = data.load(cfg.data, task=task, size=size, images=others)
+    return pool.images, "other images of the source: " + ",".join(others)
 
 
 def build_and_load(cfg: RunConfig):
@@ -193,17 +202,17 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         metrics["gain_ssim"] = metrics["ssim"] - metrics["control_ssim"]
         if "lpips" in metrics and "control_lpips" in metrics:
             metrics["gain_lpips"] = metrics["control_lpips"] - metrics["lpips"]  # lower LPIPS is better
-    if attacker.inferred_labels is not None:
+    recovered = attacker.inferred_labels if attacker.inferred_labels is not None else (
+        recon.labels if obs.labels is None and variant.task == "classification" else None)  # joint (DLG)
+    if recovered is not None:
         from suite.labels import label_accuracy
 
-        metrics["label_accuracy"] = label_accuracy(attacker.inferred_labels.cpu(), batch.labels.cpu())
+        metrics["label_accuracy"] = label_accuracy(recovered.cpu(), batch.labels.cpu())
     metrics["restarts_diverged"] = recon.restarts_diverged
     metrics["seconds"] = time.perf_counter() - t0
 
-    uses_bn_prior = bool(cfg.attack.bn_prior) and _has_bn(variant.model)
     tags = {
-        "assumption_level": str(cfg.threat.assumption_level(uses_bn_prior=uses_bn_prior,
-                                                            uses_tv=bool(cfg.attack.tv))),
+        "assumption_level": str(cfg.assumption_level(variant.task, has_bn=_has_bn(variant.model))),
         "upper_bound": str(cfg.threat.upper_bound),
         "oracle_init": str(cfg.attack.oracle_init),
         "device": str(device),
@@ -216,8 +225,15 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         tags["calibrated_on"] = calibrated_on
     if recon.diverged:
         tags["diverged"] = recon.diverged
-    if attacker.inferred_labels is not None:
-        tags["inferred_labels"] = ",".join(str(int(v)) for v in attacker.inferred_labels.cpu())
+    if cfg.attack.init == "file":
+        import hashlib
+
+        digest = hashlib.sha256(Path(cfg.attack.init_file).read_bytes()).hexdigest()
+        tags["init_source"] = f"user-supplied file {Path(cfg.attack.init_file).name} (sha256 {digest})"
+        tags["init_file_sha256"] = digest
+    if recovered is not None:
+        key = "inferred_labels" if attacker.inferred_labels is not None else "recovered_labels"
+        tags[key] = ",".join(str(int(v)) for v in recovered.cpu())
 
     result = RunResult(config=cfg, target=batch, reconstruction=recon, scores=scores, control=control,
                        control_scores=control_scores, restart_scores=restart_scores, metrics=metrics, tags=tags)

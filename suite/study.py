@@ -899,11 +899,35 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def leak_sentence(rows: Sequence[dict]) -> str:
+    """Which settings leaked (a sample met the leak rule) and which did not, in words."""
+    from suite.figures import summary_records
+
+    done = [(row, rec) for row, rec in zip(rows, summary_records(rows)) if rec["leaked"]]
+    if not done:
+        return ""
+
+    def label(rec: dict) -> str:
+        skip = {"seed", "image", "psnr", "ssim", "lpips", "brr", "leaked", "control_psnr", "gain_psnr", "status",
+                "run_id", "error"}
+        return " ".join(v for k, v in rec.items() if k not in skip and v) + f" ({rec['psnr']} dB)"
+
+    leaked = [label(rec) for _, rec in done if rec["leaked"] == "yes"]
+    held = [label(rec) for _, rec in done if rec["leaked"] == "no"]
+    parts = [f"leaked: {'; '.join(leaked)}" if leaked else "no setting leaked"]
+    if held:
+        parts.append(f"did not leak: {'; '.join(held)}")
+    return ". ".join(parts) + "."
+
+
 def _report(outcome: StudyOutcome, out, json_out: bool) -> None:
     print("", file=out)
     print(format_table(outcome.rows), file=out)
     counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(outcome.counts.items()))
     print(f"\n{outcome.study}: {counts}", file=out)
+    words = leak_sentence(outcome.rows)
+    if words:
+        print(words, file=out)
     if outcome.csv_path:
         print(f"summary: {outcome.csv_path.resolve()}", file=out)
     if outcome.figure_path:

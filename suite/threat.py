@@ -56,15 +56,20 @@ class ThreatModel(BaseModel):
             raise ValueError(f"{exc.message}; {exc.hint}" if exc.hint else exc.message) from None
         return v
 
-    def assumption_level(self, uses_bn_prior: bool = False, uses_tv: bool = False) -> int:
+    def assumption_level(self, uses_bn_prior: bool = False, uses_tv: bool = False,
+                         task: str = "classification") -> int:
         """Highest SoK assumption level this setting relies on (eval-mode BN is flagged apart)."""
         level = 0
         if uses_tv:
             level = max(level, 1)
         if uses_bn_prior and self.bn_stats == "none":
             level = max(level, 2)
-        # Labels are logged as their own grant (``shares_labels``): the SoK does not rank them,
-        # since single-sample labels can be inferred from the gradient (iDLG).
+        # Classification labels are logged as their own grant (``shares_labels``) and not ranked:
+        # a single sample's label can be inferred from the gradient (iDLG). A detector's
+        # ground-truth boxes and classes cannot: like the batch's BN statistics they are
+        # side information about the client's own images, so they rank with them (level 4).
+        if task == "detection" and self.shares_labels:
+            level = max(level, 4)
         if self.update == "fedavg" and self.attacker_knows_training and self.local_steps > 1:
             level = max(level, 3)
         if self.bn_stats != "none":

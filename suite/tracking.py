@@ -172,7 +172,7 @@ def resolve_device(device: str) -> str:
 
 def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The tags every setting run carries (threat-model flags, provenance)."""
-    level = cfg.threat.assumption_level(uses_bn_prior=cfg.attack.bn_prior > 0, uses_tv=cfg.attack.tv > 0)
+    level = cfg.assumption_level()  # the runner's result tags refine it once the model is built (BN or not)
     tags = {
         KIND_TAG: "setting",
         "config_hash": cfg.config_hash(),

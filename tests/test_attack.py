@@ -141,7 +141,19 @@ def test_joint_soft_labels_run_when_labels_not_shared(astronaut32):
     v = variants.build("lenet")
     obs = Client(v.model, v.task, ThreatModel(shares_labels=False)).share(astronaut32)
     rec = Attacker(v, obs, AttackSpec(preset="dlg", iterations=3), seed=0).reconstruct()
-    assert torch.isfinite(rec.images).all() and rec.labels is None
+    # the jointly optimized soft labels come back as the recovered labels (their arg-max)
+    assert torch.isfinite(rec.images).all() and rec.labels.shape == (1,) and 0 <= int(rec.labels) < 10
+
+
+def test_jointly_recovered_labels_are_scored_and_tagged(tmp_path):
+    from suite.runner import run_setting
+
+    cfg = RunConfig(variant="lenet", size=32, device="cpu", threat={"shares_labels": False},
+                    attack={"preset": "dlg", "iterations": 40, "log_every": 40})
+    res = run_setting(cfg, out_dir=tmp_path / "out", progress=False)
+    assert res.tags["recovered_labels"] == str(int(res.reconstruction.labels[0]))
+    truth = int(res.target.labels[0])
+    assert res.metrics["label_accuracy"] == float(int(res.reconstruction.labels[0]) == truth)
 
 
 @pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "convnext_t", "maxvit_t"])

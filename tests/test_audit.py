@@ -87,10 +87,22 @@ def test_classifier_quick_audit_runs_the_whole_battery(workdir, store, capsys):
     assert "calibrated on data" in md and "--iterations 4" in md
     assert verdict["iterations_override"] == 4 and verdict["budget"] == "quick"
 
-    # MLflow: one parent, one FINISHED child per level, each with the level's threat model
-    client, parent, children = _runs(store, summary["parent_run_id"])
+    # every level ran its positive control on the DLG LeNet, shown beside the level's verdict
+    for r in rows:
+        assert r["positive_control_status"] == "finished" and isinstance(r["positive_control_leaked"], bool)
+        assert r["verdict"] in ("leak", "no leak at this budget", "inconclusive")
+        assert r["verdict"] != "no leak at this budget" or r["positive_control_leaked"]
+    assert summary["positive_control"] == "lenet"
+
+    # MLflow: one parent, one FINISHED child per level and one per positive control
+    client, all_children = _runs(store, summary["parent_run_id"])[0], _runs(store, summary["parent_run_id"])[2]
+    parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["gistress.kind"] == "audit"
-    assert len(children) == len(audit.BATTERY)
+    children = [c for c in all_children if c.data.tags["gistress.kind"] == "audit_level"]
+    controls = [c for c in all_children if c.data.tags["gistress.kind"] == "audit_positive_control"]
+    assert len(children) == len(audit.BATTERY) == len(controls)
+    assert {c.data.params["variant"] for c in controls} == {"lenet"}
+    assert {c.data.params["size"] for c in controls} == {"32"}
     assert {c.info.status for c in children} == {"FINISHED"}
     params = {c.data.params["audit_level"]: c.data.params for c in children}
     assert params["bn_running"]["bn_stats"] == "running" and params["bn_running"]["preset"] == "gia_bn"
@@ -98,6 +110,7 @@ def test_classifier_quick_audit_runs_the_whole_battery(workdir, store, capsys):
     assert params["labels_inferred"]["shares"] == "none"
     assert params["fedavg"]["update"] == "fedavg" and params["fedavg"]["local_steps"] == "4"
     assert params["strongest"]["restarts"] == "2" and params["strongest"]["bn_stats"] == "exact"
+    assert params["dlg"]["preset"] == "dlg" and params["dlg"]["optimizer"] == "lbfgs"
     assert all(p["control"] == "True" and p["batch_size"] == "1" for p in params.values())
     for c in children:
         assert {"brr", "wsrr", "median_psnr", "leaked"} <= set(c.data.metrics)
@@ -117,7 +130,12 @@ def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, store, ca
     ran = [k for k, r in rows.items() if r["status"] == "finished"]
     assert ran == ["realistic", "bn_running", "bn_eval", "fedavg", "strongest"]
     assert "boxes and classes are shared" in md
-
+    assert rows["dlg"]["status"].startswith("skipped: detection")
+    # the boxes are a grant of the client's own batch: SoK level 4 at every detection level
+    assert all(rows[k]["assumption_level"] == 4 for k in ran)
+    # no known-leaky detector to check the budget against: a quiet level is inconclusive
+    assert all(rows[k]["verdict"] in ("leak", "inconclusive") for k in ran)
+    assert "ground-truth boxes and classes" in verdict["verdict"]
     _, parent, children = _runs(store, summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert len(children) == 5 and {c.info.status for c in children} == {"FINISHED"}
@@ -136,6 +154,10 @@ def _fake_runner(psnr_by_level: dict[str, float], fail: str | None = None, inter
 
     def key_of(cfg: RunConfig) -> str:
         t, a = cfg.threat, cfg.attack
+        if cfg.variant == "lenet":
+            return "positive_control"
+        if a.preset == "dlg":
+            return "dlg"
         if a.restarts > 1:
             return "strongest"
         if t.bn_stats == "running":
@@ -188,9 +210,10 @@ def test_failing_level_is_failed_child_and_audit_goes_on(workdir, store, small_p
     assert "failed: RuntimeError: out of memory" in audit.format_table(verdict["rows"])
 
     _, parent, children = _runs(store, result.parent_run_id)
-    status = {c.data.tags["audit.level"]: c.info.status for c in children}
+    levels = [c for c in children if c.data.tags["gistress.kind"] == "audit_level"]
+    status = {c.data.tags["audit.level"]: c.info.status for c in levels}
     assert status.pop("fedavg") == "FAILED" and set(status.values()) == {"FINISHED"}
-    failed = next(c for c in children if c.data.tags["audit.level"] == "fedavg")
+    failed = next(c for c in levels if c.data.tags["audit.level"] == "fedavg")
     assert "out of memory" in failed.data.tags["error"]
     assert parent.info.status == "FINISHED" and parent.data.tags["verdict"] == "leaks: bn_eval,strongest"
     # the verdict names the assumptions the leak needed and that it bounds only these attacks
@@ -210,7 +233,8 @@ def test_interrupted_audit_marks_runs_killed_and_writes_partial_report(workdir, 
     assert status["strongest"] == "not run (audit interrupted)"
     _, parent, children = _runs(store, verdict["parent_run_id"])
     assert parent.info.status == "KILLED"
-    assert {c.data.tags["audit.level"]: c.info.status for c in children}["bn_eval"] == "KILLED"
+    levels = [c for c in children if c.data.tags["gistress.kind"] == "audit_level"]
+    assert {c.data.tags["audit.level"]: c.info.status for c in levels}["bn_eval"] == "KILLED"
 
 
 def test_conclusion_wording():
@@ -258,7 +282,7 @@ def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
     assert plan.images == ["astronaut", "coffee"]  # quick audits at most 2 images, and says so
     assert any("at most 2 images: rocket not attacked" in n for n in plan.notes)
     assert any("no BatchNorm" in n for n in plan.notes)
-    strongest = plan.levels[-1].config
+    strongest = next(p.config for p in plan.levels if p.level.key == "strongest")
     assert (strongest.threat.bn_mode, strongest.threat.bn_stats) == ("train", "none")
     assert (strongest.attack.preset, strongest.attack.restarts, strongest.attack.iterations) == ("gia_bn", 2, 100)
     assert "2. bn_running: skipped (no BatchNorm layers)" in plan.battery_lines()
@@ -267,6 +291,60 @@ def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
     thorough = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"]), "thorough")
     assert (quick.size, thorough.size) == (256, 640)
     iters = {p.level.key: (p.config.attack.iterations, p.config.attack.restarts) for p in thorough.levels}
+    assert "dlg" not in iters and all(p.control is None for p in thorough.levels)  # no detection reference
     assert iters == {"realistic": (24000, 1), "bn_running": (10000, 1), "bn_eval": (24000, 1),
                      "fedavg": (24000, 1), "strongest": (10000, 4)}
     assert {p.level.key: p.config.weights for p in thorough.levels}["bn_eval"] == "calibrated"
+
+
+def test_positive_controls_decide_between_no_leak_and_inconclusive(workdir, store, small_plan):
+    """A quiet level reads "no leak at this budget" only when the same attack and budget leaked
+    the reference model; otherwise it is inconclusive, in the table, the JSON and the words."""
+    caught = audit.run_audit(small_plan, out_dir=workdir / "a", tracking_uri=store,
+                             runner=_fake_runner({"positive_control": 40.0}))
+    rows = {r["key"]: r for r in caught.to_json()["rows"]}
+    assert rows["realistic"]["verdict"] == "no leak at this budget"
+    assert rows["realistic"]["positive_control_psnr"] == 40.0 and rows["realistic"]["positive_control_leaked"]
+    assert "No leak at this budget at level(s) 1" in caught.verdict and "reference 40.0 dB" in caught.verdict
+    assert "40.0 dB, leaked" in audit.format_table(caught.to_json()["rows"])
+    md = (workdir / "a" / "report.md").read_text()
+    assert "this budget recovers the reference model lenet at 40.0 dB" in md and "your model: 10.0 dB" in md
+
+    missed = audit.run_audit(small_plan, out_dir=workdir / "b", tracking_uri=store,
+                             runner=_fake_runner({"positive_control": 12.0, "strongest": 30.0}))
+    rows = {r["key"]: r for r in missed.to_json()["rows"]}
+    assert rows["realistic"]["verdict"] == "inconclusive" and rows["strongest"]["verdict"] == "leak"
+    assert missed.to_json()["inconclusive_levels"] == [k for k in rows if k != "strongest"]
+    assert "Inconclusive at level(s) 1" in missed.verdict
+    assert "did not recover even the known-leaky reference model lenet" in missed.verdict
+    assert "no leak at this budget" not in audit.format_table(missed.to_json()["rows"])
+    _, parent, _ = _runs(store, missed.parent_run_id)
+    assert parent.data.tags["verdict"] == "leaks: strongest"
+
+    quiet = audit.run_audit(small_plan, out_dir=workdir / "c", tracking_uri=store,
+                            runner=_fake_runner({"positive_control": 12.0}))
+    _, parent, _ = _runs(store, quiet.parent_run_id)
+    assert parent.data.tags["verdict"].startswith("inconclusive: realistic")
+
+
+def test_no_positive_control_flag_says_no_leak_is_unchecked(workdir, store):
+    base = RunConfig(variant="convnet", variant_options={"width": 4}, images=["astronaut"])
+    plan = audit.plan_audit(base, "quick", iterations=2, positive_control=False)
+    assert all(p.control is None for p in plan.levels)
+    result = audit.run_audit(plan, out_dir=workdir / "out", tracking_uri=store, runner=_fake_runner({}))
+    rows = result.to_json()["rows"]
+    assert {r["verdict"] for r in rows if r["status"] == "finished"} == {"no leak (sensitivity not checked)"}
+    assert "Positive controls were switched off" in result.verdict
+    _, _, children = _runs(store, result.parent_run_id)
+    assert {c.data.tags["gistress.kind"] for c in children} == {"audit_level"}
+
+
+def test_lenet_quick_audit_on_astronaut_reports_a_leak(workdir, store, capsys):
+    """The DLG LeNet, which DLG inverts above 30 dB, must be flagged by the quick budget."""
+    rc = main(["audit", "--variant", "lenet", "--data", "samples", "--image", "astronaut", "--level", "quick",
+               "--out", "out", "--json", "--quiet", "--tracking-uri", store, "--no-positive-control"])
+    _, summary = _output(capsys)
+    assert rc == 0 and summary["leaked"] is True
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert rows["dlg"]["leaked"] is True and rows["dlg"]["psnr"] > 30
+    assert "Leaks under the realistic setting" in summary["verdict"] or "dlg" in summary["leaking_levels"]

@@ -65,3 +65,15 @@ def test_readme_covers_the_tour():
                    "## Troubleshooting", "docs/mlflow-runs.png"):
         assert needle in text, needle
     assert len(_commands(text)) >= 6
+
+
+def test_the_project_never_points_outside_its_own_clone():
+    """A user's clone has no ../shared: facts the project relies on live in its own docs."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    texts = [REPO / f for f in tracked if f.endswith((".md", ".py", ".yaml", ".toml", ".txt"))]
+    offenders = [str(p.relative_to(REPO)) for p in texts
+                 if p.is_file() and p.name != "test_docs.py"
+                 and re.search(r"(\.\./shared|shared/papers|shared/DESIGN)", p.read_text(errors="ignore"))]
+    assert offenders == []

@@ -133,6 +133,13 @@ def lookup(name: str) -> VariantEntry:
     )
 
 
+def task_of(name: str) -> Task:
+    """The task of a variant name (``timm:``/``torchvision:`` models are classifiers)."""
+    if name.startswith(("timm:", "torchvision:")):
+        return "classification"
+    return lookup(name).task
+
+
 def check_options(entry_name: str, builder, options: dict) -> None:
     """Reject options the builder does not declare, naming the valid ones."""
     sig = inspect.signature(builder)

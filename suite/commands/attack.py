@@ -38,6 +38,10 @@ def add_parser(sub):
     a.add_argument("--lr", type=float)
     a.add_argument("--tv", type=float)
     a.add_argument("--bn-prior", type=float)
+    a.add_argument("--space", choices=["normalized", "pixel"],
+                   help="optimize the candidate in the variant's normalized space (presets) or in [0, 1] pixels")
+    a.add_argument("--keep", choices=["best", "last"],
+                   help="return the lowest-objective iterate (presets) or the final one")
     a.add_argument("--iterations", type=int, default=300)
     a.add_argument("--restarts", type=int, default=1)
     a.add_argument("--restart-mode", choices=["auto", "batched", "sequential"], default=None,
@@ -99,9 +103,9 @@ def config_from_args(args):
     images = [s for item in args.image for s in item.split(",") if s] + list(args.image_id)
     if not images and args.batch:
         from suite import data
-        from variants.base import lookup
+        from variants.base import task_of
 
-        task = "classification" if ":" in args.variant else lookup(args.variant).task
+        task = task_of(args.variant)
         ids = data.list_ids(args.data, task=task)
         if args.batch > len(ids):
             raise GistressError(f"batch of {args.batch} asked, the data has {len(ids)} images",
@@ -112,7 +116,7 @@ def config_from_args(args):
         bn_prior=args.bn_prior, iterations=args.iterations, restarts=args.restarts,
         restart_mode=args.restart_mode, init=args.init,
         noise_p=args.noise_p, noise_sigma=args.noise_sigma, init_file=args.init_file, labels=args.labels,
-        control=args.control, log_every=args.log_every,
+        control=args.control, log_every=args.log_every, space=args.space, keep=args.keep,
     ).items() if v is not None}
     threat = dict(bn_mode=args.bn_mode, update=args.update, local_steps=args.local_steps,
                   local_lr=args.local_lr, local_batch_size=args.local_batch_size,
@@ -131,9 +135,9 @@ def config_from_args(args):
         raise GistressError(_first_error(exc), "see `gistress attack --help`") from None
     if not cfg.images:
         from suite import data
+        from variants.base import task_of
 
-        cfg.images = data.list_ids(cfg.data, task="detection" if cfg.variant.startswith("yolo") else
-                                   "classification")[:1]
+        cfg.images = data.list_ids(cfg.data, task=task_of(cfg.variant))[:1]
     return cfg
 
 
@@ -152,6 +156,8 @@ def summary_table(result) -> str:
                  "(upper bound: chosen by ground truth)")
     if result.scores.lpips is None:
         lines.append(f"LPIPS missing: {result.scores.lpips_missing}")
+    if "init_source" in result.tags:
+        lines.append(f"start: {result.tags['init_source']}; these scores depend on that start")
     return "\n".join(lines)
 
 

@@ -31,6 +31,9 @@ def add_parser(sub):
     b.add_argument("--level", default="quick", help="quick (laptop CPU, minutes) | thorough (GPU, paper scale)")
     b.add_argument("--iterations", type=int,
                    help="override every level's iterations (tests, smoke runs; recorded in the report)")
+    b.add_argument("--no-positive-control", action="store_true",
+                   help="skip each level's positive control (the same attack and budget on a known-leaky "
+                        "reference model); without it 'no leak' is unchecked")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     o = p.add_argument_group("output")
@@ -82,11 +85,9 @@ def _first_images(args, count: int, *, explicit: bool) -> list[str]:
 
 
 def _task(variant: str) -> str:
-    if variant.startswith(("timm:", "torchvision:")):
-        return "classification"
-    from variants.base import lookup
+    from variants.base import task_of
 
-    return lookup(variant).task
+    return task_of(variant)
 
 
 def run(args) -> int:
@@ -95,7 +96,7 @@ def run(args) -> int:
     from suite.tracking import check_reachable, resolve_tracking_uri
 
     cfg = base_config(args)
-    plan = plan_audit(cfg, args.level, iterations=args.iterations)
+    plan = plan_audit(cfg, args.level, iterations=args.iterations, positive_control=not args.no_positive_control)
     uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(uri)
     out = Path(args.out) if args.out else _default_out()
