@@ -22,7 +22,7 @@ from bench.blocks import replace_block
 
 DEFAULT_VARIANTS = [
     "lenet", "convnet", "resnet18", "preact_resnet18", "resnet18@imagenet", "vit_b_16", "swin_t",
-    "convnext_t", "maxvit_t", "yolov8n", "yolov8n-basicblock", "yolov8n-preact",
+    "convnext_t", "maxvit_t", "yolov8n", "yolov8n-basicblock", "yolov8n-preact", "yolov8n-resnet",
 ]
 
 

@@ -520,6 +520,7 @@ def verdict_rows(outcomes: list[LevelOutcome]) -> list[dict]:
             "lpips": lp if lp is not None else ("missing" if finished else None),
             "gain_psnr": o.median("gain_psnr") if finished else None,
             "control_psnr": o.median("control_psnr") if finished else None,
+            "positive_control": _positive_psnr(o),  # the reference model's median PSNR at this level
             "positive_control_psnr": _positive_psnr(o),
             "positive_control_leaked": None if o.positive is None else o.positive.leaked,
             "positive_control_status": None if o.positive is None else _status_text(o.positive),

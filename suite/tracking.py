@@ -172,11 +172,9 @@ def resolve_device(device: str) -> str:
 
 def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The tags every setting run carries (threat-model flags, provenance)."""
-    level = cfg.assumption_level()  # the runner's result tags refine it once the model is built (BN or not)
     tags = {
         KIND_TAG: "setting",
         "config_hash": cfg.config_hash(),
-        "assumption_level": str(level),
         "upper_bound": str(cfg.threat.upper_bound).lower(),
         "oracle_init": str(cfg.attack.oracle_init).lower(),
         "variant": cfg.variant,
@@ -184,6 +182,10 @@ def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, 
         "device": resolve_device(cfg.device),
         "mlflow.source.name": "gistress",
     }
+    try:  # the runner's result tags refine it once the model is built (BN or not)
+        tags["assumption_level"] = str(cfg.assumption_level())
+    except GistressError:
+        pass  # a variant this process cannot resolve (a custom runner's): the result will say
     sha = git_commit()
     if sha:
         tags["git_commit"] = sha

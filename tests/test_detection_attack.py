@@ -12,7 +12,7 @@ from suite.runner import run_setting
 from suite.threat import ThreatModel
 
 
-@pytest.mark.parametrize("variant", ["yolov8n", "yolov8n-basicblock", "yolov8n-preact"])
+@pytest.mark.parametrize("variant", ["yolov8n", "yolov8n-basicblock", "yolov8n-preact", "yolov8n-resnet"])
 @pytest.mark.parametrize("bn_mode", ["train", "eval"])
 def test_short_attack_lowers_matching_loss(variant, bn_mode):
     cfg = RunConfig(variant=variant, variant_options={"nc": 80}, weights="calibrated", images=["bus"],

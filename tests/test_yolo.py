@@ -31,7 +31,8 @@ from variants.yolo import (
     load_checkpoint,
 )
 
-NAMES = ("yolov8n", "yolov8n-basicblock", "yolov8n-preact")
+NAMES = ("yolov8n", "yolov8n-basicblock", "yolov8n-preact")  # the same layout and parameter count
+ALL = (*NAMES, "yolov8n-resnet")  # + the authors' ResNet-backbone YOLO (another layout)
 
 
 @functools.cache
@@ -126,6 +127,34 @@ def test_custom_variants_contain_their_blocks_only():
     assert C2fBasicBlock != C2f and len({C2f, C2fBasicBlock, C2fPreActBlock}) == 3
 
 
+def test_resnet_backbone_yolo_is_the_authors_layout():
+    """yolov8n-resnet: ResNet-18-like backbone (7x7 s2 stem + max-pool, 4 stages x 2 BasicBlocks),
+    one-BasicBlock neck stages, stride-2 Convs and ultralytics' Detect head; nano widths."""
+    from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
+    from ultralytics.nn.modules.block import C2f, SPPF
+    from ultralytics.nn.modules.head import Detect
+
+    from variants.yolo import ResNetStage, ResNetStem
+
+    v = _cached("yolov8n-resnet", 3)
+    layers = list(v.model.model)
+    assert type(layers[0]) is ResNetStem and layers[0].conv.kernel_size == (7, 7) and layers[0].conv.stride == (2, 2)
+    stages = [m for m in layers if type(m) is ResNetStage]
+    assert [len(m.blocks) for m in stages] == [2, 2, 2, 2, 1, 1, 1, 1]
+    assert [m.blocks[-1].conv2.out_channels for m in stages] == [32, 64, 128, 256, 128, 64, 128, 256]
+    assert sum(isinstance(m, TorchvisionBasicBlock) for m in v.model.modules()) == 12
+    assert not any(isinstance(m, (C2f, SPPF)) for m in v.model.modules())
+    head = layers[-1]
+    assert type(head) is Detect and head.nc == 3 and head.stride.tolist() == [8.0, 16.0, 32.0]
+    assert [seq[0].conv.in_channels for seq in head.cv2] == [64, 128, 256]
+    model = copy.deepcopy(v.model).eval()
+    with torch.no_grad():
+        y, raw = model(torch.rand(1, 3, 64, 64))
+    assert y.shape == (1, 4 + 3, sum((64 // s) ** 2 for s in (8, 16, 32))) and torch.isfinite(y).all()
+    listed = {r["name"]: r for r in __import__("suite.commands.variants", fromlist=["x"]).catalogue()}
+    assert listed["yolov8n-resnet"]["params"] == _cached("yolov8n-resnet", 80).num_params
+
+
 def test_ultralytics_parses_custom_yaml_directly():
     from ultralytics.nn.tasks import DetectionModel
 
@@ -169,7 +198,7 @@ def test_block_structure():
 # ----------------------------------------------------------------------------- the loss
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_loss_matches_ultralytics(name):
     model = fresh(name).model
     batch = make_batch()

@@ -1,4 +1,4 @@
-"""YOLOv8-nano family (stock, BasicBlock, pre-activation) as ultralytics DetectionModels.
+"""YOLOv8-nano family (stock, BasicBlock, pre-activation, ResNet backbone) as ultralytics DetectionModels.
 
 Each variant is parsed by ultralytics' own ``parse_model`` from a YAML file in ``variants/yaml/``, so
 the modules, the Detect head and ``v8DetectionLoss`` are the real ultralytics ones and a user's own
@@ -33,19 +33,28 @@ YAML_DIR = Path(__file__).resolve().parent / "yaml"
 LOSS_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
 
 
-class _ParsesAsC2f(type):
-    """Metaclass: the class is treated as C2f by ultralytics' parse_model, and only there."""
+def _parses_as(base: type) -> type:
+    """A metaclass: the class is treated as ``base`` by ultralytics' parse_model, and only there
+    (channel scaling, inserted input channels, repeats follow ``base``'s rules)."""
 
-    def __eq__(cls, other):
-        if other is C2f:
-            caller = sys._getframe(1)
-            # set/frozenset membership compares from C, so the calling Python frame is parse_model
-            return caller.f_code.co_name == "parse_model" and caller.f_globals.get("__name__") == _tasks.__name__
-        return cls is other
+    class _ParsesAs(type):
+        def __eq__(cls, other):
+            if other is base:
+                caller = sys._getframe(1)
+                # set/frozenset membership compares from C, so the calling Python frame is parse_model
+                return caller.f_code.co_name == "parse_model" and caller.f_globals.get("__name__") == _tasks.__name__
+            return cls is other
 
-    def __hash__(cls):
-        # same bucket as C2f so that `m in base_modules` reaches __eq__ at all
-        return hash(C2f)
+        def __hash__(cls):
+            # same bucket as ``base`` so that `m in base_modules` reaches __eq__ at all
+            return hash(base)
+
+    _ParsesAs.__name__ = f"_ParsesAs{base.__name__}"
+    return _ParsesAs
+
+
+_ParsesAsC2f = _parses_as(C2f)
+_ParsesAsConv = _parses_as(Conv)
 
 
 class BasicBlock(nn.Module):
@@ -119,7 +128,48 @@ class C2fPreActBlock(_C2fWithBlocks):
     block = PreActBlock
 
 
-CUSTOM_MODULES = (C2fBasicBlock, C2fPreActBlock)
+class ResNetStem(nn.Module, metaclass=_ParsesAsConv):
+    """ResNet's stem: 7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max-pool (output at stride 4).
+
+    parse_model treats it like Conv: args [c2] become [c1, c2 * width].
+    """
+
+    def __init__(self, c1: int, c2: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, 7, 2, 3, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem conv, then max-pool."""
+        return self.pool(self.act(self.bn(self.conv(x))))
+
+
+class ResNetStage(nn.Module, metaclass=_ParsesAsConv):
+    """A ResNet stage: ``blocks`` torchvision BasicBlocks, the first with ``stride`` and a 1x1 conv + BN
+    projection shortcut when the shape changes (as torchvision's ``_make_layer``).
+
+    parse_model treats it like Conv: YAML args [c2, blocks, stride] become [c1, c2 * width, blocks, stride].
+    """
+
+    def __init__(self, c1: int, c2: int, blocks: int = 2, stride: int = 1):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
+
+        down = None
+        if stride != 1 or c1 != c2:
+            down = nn.Sequential(nn.Conv2d(c1, c2, 1, stride, bias=False), nn.BatchNorm2d(c2))
+        layers = [TorchvisionBasicBlock(c1, c2, stride=stride, downsample=down)]
+        layers += [TorchvisionBasicBlock(c2, c2) for _ in range(1, blocks)]
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's blocks in order."""
+        return self.blocks(x)
+
+
+CUSTOM_MODULES = (C2fBasicBlock, C2fPreActBlock, ResNetStem, ResNetStage)
 for _cls in CUSTOM_MODULES:
     # parse_model resolves YAML module names with globals()[name] in ultralytics.nn.tasks
     if getattr(_tasks, _cls.__name__, _cls) is not _cls:
@@ -188,6 +238,21 @@ def yolov8n_basicblock(name: str = "yolov8n-basicblock", nc: int = 80) -> Varian
 def yolov8n_preact(name: str = "yolov8n-preact", nc: int = 80) -> Variant:
     """YOLOv8-nano whose C2f Bottlenecks are pre-activation residual blocks."""
     return _variant(name, "yolov8n-preact", nc)
+
+
+@register(
+    "yolov8n-resnet",
+    "detection",
+    640,
+    "YOLOv8-nano with a ResNet-18-like backbone and one-BasicBlock neck stages (the first paper's authors' "
+    "'BasicBlock' YOLO)",
+)
+def yolov8n_resnet(name: str = "yolov8n-resnet", nc: int = 80) -> Variant:
+    """The first paper's authors' "BasicBlock" YOLOv8-nano (their ``yolo_v8_n_basicblock``): the whole
+    DarkNet backbone replaced by a ResNet-18-like one (7x7 stride-2 stem, max-pool, four stages of two
+    BasicBlocks), each neck C2f replaced by a single BasicBlock with a projection shortcut, the Detect
+    head unchanged; nano widths 16-32-64-128-256."""
+    return _variant(name, "yolov8n-resnet", nc)
 
 
 # ----------------------------------------------------------------------------- checkpoints
