@@ -131,7 +131,7 @@ def test_resnet_backbone_yolo_is_the_authors_layout():
     """yolov8n-resnet: ResNet-18-like backbone (7x7 s2 stem + max-pool, 4 stages x 2 BasicBlocks),
     one-BasicBlock neck stages, stride-2 Convs and ultralytics' Detect head; nano widths."""
     from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
-    from ultralytics.nn.modules.block import C2f, SPPF
+    from ultralytics.nn.modules.block import SPPF, C2f
     from ultralytics.nn.modules.head import Detect
 
     from variants.yolo import ResNetStage, ResNetStem
