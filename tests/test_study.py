@@ -688,3 +688,13 @@ def test_shipped_spec_smoke_profile_runs(spec, tmp_path):
     bad = [(r["name"], r["status"], r.get("error")) for r in out.rows if r["status"] != "FINISHED"]
     assert not bad
     assert out.figure_path is not None and out.figure_path.is_file()
+
+
+@pytest.mark.parametrize("name", ["fig1_modern_224", "fig2_resnet_bn", "fig4_noisy_init", "fig5_yolo"])
+def test_figure_specs_have_a_cpu_profile_with_the_control(name):
+    parsed = parse_spec((REPO / "runs" / f"{name}.yaml").read_text(), name)
+    cpu = expand_settings(parsed, "cpu")
+    smoke = expand_settings(parsed, "smoke")
+    assert all(s.config.attack.control or s.config.attack.init == "noisy_target" for s in cpu)
+    assert min(s.config.attack.iterations for s in cpu) >= 300 > max(s.config.attack.iterations for s in smoke)
+    assert len({s.image for s in cpu}) == 1
