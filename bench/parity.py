@@ -153,6 +153,7 @@ def run_case(case: Case, iterations: int, seed: int) -> dict:
     std = torch.tensor(v.normalization[1]).view(1, -1, 1, 1)
 
     b, payload, shared = _breaching(case, v, obs, iterations)
+    evals_b = _count_calls(b.objective, "forward")
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         out, _ = b.reconstruct(payload, shared, server_secrets={}, initial_data=z0.clone())
@@ -160,6 +161,7 @@ def run_case(case: Case, iterations: int, seed: int) -> dict:
     rec_b = (out["data"].detach() * std + mean).clamp(0, 1)
 
     g = _gistress(case, v, obs, iterations, seed)
+    evals_g = _count_calls(g, "_objective")
     t0 = time.perf_counter()
     rec_g = g.reconstruct([z0 * std + mean]).images
     t_g = time.perf_counter() - t0
@@ -169,8 +171,24 @@ def run_case(case: Case, iterations: int, seed: int) -> dict:
         case=case.name, iterations=iterations, seed=seed, objective_gistress=ours0, objective_breaching=theirs0,
         psnr_breaching=s_b.psnr[0], psnr_gistress=s_g.psnr[0], ssim_breaching=s_b.ssim[0],
         ssim_gistress=s_g.ssim[0], s_per_iter_breaching=t_b / iterations, s_per_iter_gistress=t_g / iterations,
+        # objective evaluations: L-BFGS makes up to 20 per iteration, and how many depends on the path
+        evals_breaching=evals_b["n"], evals_gistress=evals_g["n"],
+        s_per_eval_breaching=t_b / max(evals_b["n"], 1), s_per_eval_gistress=t_g / max(evals_g["n"], 1),
         images=dict(target=batch.images[0].tolist(), breaching=rec_b[0].tolist(), gistress=rec_g[0].tolist()),
     )
+
+
+def _count_calls(obj, name: str) -> dict:
+    """Count calls of ``obj.<name>`` (an instance attribute shadows the method); returns the counter."""
+    counter = {"n": 0}
+    real = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return real(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return counter
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -192,6 +210,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             ssim_breaching=med("ssim_breaching"), ssim_gistress=med("ssim_gistress"),
             s_per_iter_breaching=med("s_per_iter_breaching"), s_per_iter_gistress=med("s_per_iter_gistress"),
             time_ratio=statistics.median(r["s_per_iter_gistress"] / r["s_per_iter_breaching"] for r in rs),
+            evals_breaching=med("evals_breaching") if all("evals_breaching" in r for r in rs) else None,
+            evals_gistress=med("evals_gistress") if all("evals_gistress" in r for r in rs) else None,
+            eval_time_ratio=statistics.median(r["s_per_eval_gistress"] / r["s_per_eval_breaching"] for r in rs)
+            if all("s_per_eval_gistress" in r for r in rs) else None,
             max_objective_gap=max(abs(r["objective_gistress"] - r["objective_breaching"]) for r in rs),
         ))
     return out
@@ -205,20 +227,29 @@ def markdown(summary: list[dict], figure: str | None) -> str:
         "medians over seeds. PSNR/SSIM of each engine's returned reconstruction.",
         "",
         "| case | iterations | seeds | breaching PSNR | gistress PSNR | PSNR ratio | breaching SSIM | "
-        "gistress SSIM | breaching s/it | gistress s/it | s/it ratio | objective gap at start |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "gistress SSIM | breaching s/it | gistress s/it | s/it ratio | objective evaluations (b / g) | "
+        "s/evaluation ratio | objective gap at start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
             f"| {s['case']} | {s['iterations']} | {s['seeds']} | {s['psnr_breaching']:.2f} | "
             f"{s['psnr_gistress']:.2f} | {s['psnr_ratio']:.3f} | {s['ssim_breaching']:.3f} | "
             f"{s['ssim_gistress']:.3f} | {s['s_per_iter_breaching']:.4f} | {s['s_per_iter_gistress']:.4f} | "
-            f"{s['time_ratio']:.3f} | {s['max_objective_gap']:.1e} |"
+            f"{s['time_ratio']:.3f} | {_evals(s)} | "
+            f"{'–' if s['eval_time_ratio'] is None else format(s['eval_time_ratio'], '.3f')} | "
+            f"{s['max_objective_gap']:.1e} |"
         )
     if figure:
         lines += ["", f"![parity reconstructions]({figure})"]
     lines.append(END)
     return "\n".join(lines)
+
+
+def _evals(s: dict) -> str:
+    if s["evals_breaching"] is None:
+        return "–"
+    return f"{s['evals_breaching']:.0f} / {s['evals_gistress']:.0f}"
 
 
 def figure(rows: list[dict], path: Path) -> Path:

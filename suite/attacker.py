@@ -275,9 +275,12 @@ class Attacker:
 
     # ----- candidate space -------------------------------------------------------------
     def _norm_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, std = self.variant.normalization
-        return (torch.tensor(mean, device=self.device).view(1, -1, 1, 1),
-                torch.tensor(std, device=self.device).view(1, -1, 1, 1))
+        # built once: every objective evaluation converts (measured 2 % of a DLG LeNet attack)
+        if getattr(self, "_norm", None) is None:
+            mean, std = self.variant.normalization
+            self._norm = (torch.tensor(mean, device=self.device).view(1, -1, 1, 1),
+                          torch.tensor(std, device=self.device).view(1, -1, 1, 1))
+        return self._norm
 
     def to_candidate(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels -> the space the attack optimizes in (``spec.space``)."""
