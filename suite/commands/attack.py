@@ -52,7 +52,8 @@ def add_parser(sub):
     a.add_argument("--init-file")
     a.add_argument("--labels", choices=["auto", "joint"])
     a.add_argument("--control", action="store_true", help="also run the prior-only control")
-    a.add_argument("--log-every", type=int, default=25)
+    a.add_argument("--log-every", type=int, default=None,
+                   help="log step metrics every N steps (default: about 50 points per run)")
     o = p.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
