@@ -350,6 +350,7 @@ class SettingRun:
         self._last_step = 0
         self._pending: list = []
         self._flushed_at = time.monotonic()
+        self._curves: set[str] = set()  # metric names that have a step curve in this run
 
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Queue step metrics; a tracking hiccup warns once and never stops the attack."""
@@ -360,6 +361,7 @@ class SettingRun:
         if not batch:
             return
         self._last_step = max(self._last_step, int(step))
+        self._curves.update(m.key for m in batch)
         self._pending.extend(batch)
         if len(self._pending) >= self.FLUSH_METRICS or time.monotonic() - self._flushed_at >= self.FLUSH_SECONDS:
             self.flush()
@@ -386,11 +388,13 @@ class SettingRun:
 
         self.flush()
         now = int(time.time() * 1000)
-        # Final values go at the last step: MLflow shows a metric's value at its highest step, and
-        # step curves (score/psnr, loss/matching) share names with final metrics.
+        # A final value that ends a step curve (score/psnr, loss/matching) goes at the last step:
+        # MLflow shows a metric's value at its highest step. The others go at step 0, which makes
+        # MLflow's chart view draw them as bars across runs instead of lone dots at the last step.
         cfg = result.config if result.config is not None else self.cfg
         final_step = max(int(cfg.attack.iterations), self._last_step)
-        metrics = [Metric(k, v, now, final_step) for k, v in mlflow_metrics(result.metrics, digits=_DIGITS).items()]
+        metrics = [Metric(k, v, now, final_step if k in self._curves else 0)
+                   for k, v in mlflow_metrics(result.metrics, digits=_DIGITS).items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         for key, value in (result.tags or {}).items():

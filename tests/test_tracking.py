@@ -101,6 +101,9 @@ def test_successful_run_is_finished_with_params_tags_metrics_artifacts(store, tm
     assert {"images", "config.yaml", "config.json", "scores.json"} <= arts
     images = {Path(a.path).name for a in client(store).list_artifacts(tr.run_id, "images")}
     assert images == {"target.png", "reconstruction.png", "control.png"}
+    # final-only metrics sit at step 0 (drawn as bars), curves end at the last step
+    assert [h.step for h in client(store).get_metric_history(tr.run_id, "control/psnr")] == [0]
+    assert max(h.step for h in client(store).get_metric_history(tr.run_id, "score/psnr")) == 5
 
 
 def test_metric_names_map_both_ways():
