@@ -36,6 +36,11 @@ def runs_link(base_url: str, experiment_id: str, *, view: bool = True) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
+def run_link(base_url: str, experiment_id: str, run_id: str) -> str:
+    """The browser link to one run's page (model-training mode)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{ML_MODE}"
+
+
 def view_state(run_ids: Sequence[str], axis_tags: Sequence[str], *, study: str, profile: str | None,
                has_control: bool, run_name_width: int = 260) -> dict[str, Any]:
     """The runs-page state of a study's view: its child runs, scores and varying axes as columns."""

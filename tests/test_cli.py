@@ -34,6 +34,9 @@ def test_attack_cli_writes_table_pngs_and_one_mlflow_run(workdir, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.params["variant"] == "lenet" and run.data.params["restarts"] == "2"
     assert run.data.tags["config_hash"] == summary["config_hash"]
+    link = f"/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert f"mlflow run: {run.info.run_id}; its page once `gistress ui` serves the store: " \
+           f"http://127.0.0.1:5000{link}" in out
     assert "score/psnr" in run.data.metrics and "control/psnr" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
     assert {"images/reconstruction.png", "images/reconstruction_x8.png"} <= arts

@@ -186,10 +186,16 @@ def run(args) -> int:
                                  prepared=prepared)
             tr.log_result(result)
             run_id = tr.run_id
+            exp_id = tr.client.get_run(run_id).info.experiment_id
     print(summary_table(result))
     print(f"images: {out.resolve()}")
     if run_id:
-        print(f"mlflow run: {run_id} (open with `gistress ui`)")
+        from suite.mlflow_ui import run_link
+        from suite.tracking import is_http
+
+        base = uri if is_http(uri) else "http://127.0.0.1:5000"
+        how = "" if is_http(uri) else " once `gistress ui` serves the store"
+        print(f"mlflow run: {run_id}; its page{how}: {run_link(base, exp_id, run_id)}")
     if args.json:
         print(json.dumps({"metrics": result.metrics, "tags": result.tags, "out_dir": str(out.resolve()),
                           "run_id": run_id, "config_hash": cfg.config_hash()}))
