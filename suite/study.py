@@ -884,6 +884,8 @@ def _finish(outcome, settings, results, reused, client, study_dir, parent_id, ou
         client.log_artifact(parent_id, str(outcome.csv_path))
         from suite.mlflow_ui import save_study_view, summary_table
 
+        # the runs-table view first: it is what `gistress ui` opens, whatever fails after it
+        save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile)
         table = summary_table(rows)
         if table:  # the same table, rendered as a table on the parent's artifacts page
             client.log_table(parent_id, table, "summary_table.json")
@@ -894,7 +896,6 @@ def _finish(outcome, settings, results, reused, client, study_dir, parent_id, ou
 
             with Image.open(outcome.figure_path) as im:
                 client.log_image(parent_id, im.convert("RGB"), artifact_file=f"images/{figures.comparison_name(rows)}")
-        save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile)
         counts = outcome.counts
         for status, n in counts.items():
             client.set_tag(parent_id, f"n_{status.lower()}", str(n))

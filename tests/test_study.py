@@ -431,6 +431,21 @@ def test_resume_reads_runs_logged_before_the_metric_renaming(tmp_path, uri):
     assert ",12.50,0.400," in out.csv_path.read_text()
 
 
+def test_view_state_of_a_large_study_filters_by_its_tags():
+    """Past what an experiment tag holds, the view selects the study's runs by tags instead of ids."""
+    from suite.mlflow_ui import view_state
+
+    small = view_state(["a" * 32, "b" * 32], ["axis.attack.tv"], study="s", profile="smoke", has_control=False)
+    assert small["searchFilter"] == f"attributes.run_id IN ('{'a' * 32}','{'b' * 32}')"
+    assert small["selectedColumns"] == ["metrics.`score/psnr`", "metrics.`score/ssim`", "metrics.`score/lpips`",
+                                        "metrics.`score/brr`", "tags.`axis.attack.tv`"]  # no control: no gain
+    assert small["orderByKey"] == "metrics.`score/psnr`"
+    large = view_state([f"{i:032x}" for i in range(600)], [], study="s", profile=None, has_control=True)
+    assert large["searchFilter"] == ("tags.`study` = 's' AND tags.`profile` = 'none' "
+                                     "AND tags.`gistress.kind` = 'setting'")
+    assert len(json.dumps(large)) < 20000  # MLflow's limit for an experiment tag
+
+
 def test_run_names_show_only_what_varies(tmp_path):
     seeds = write(tmp_path, "name: a\nbase: {variant: lenet}\ngrid: {attack.tv: [0.0, 0.2]}\nseeds: [0, 1]\n", "a.yaml")
     assert [s.name for s in expand_settings(seeds)] == ["tv=0 seed=0", "tv=0 seed=1", "tv=0.2 seed=0", "tv=0.2 seed=1"]
