@@ -650,6 +650,21 @@ def test_ui_binds_loopback_unless_asked(workdir, capsys, monkeypatch):
     assert ui.server_argv("sqlite:///x.db")[ui.server_argv("sqlite:///x.db").index("--host") + 1] == "127.0.0.1"
 
 
+def test_ui_stop_group_kills_a_tree_that_ignores_sigterm():
+    """A server whose workers ignore SIGTERM still ends, grandchildren included (SIGKILL after the wait)."""
+    from suite.commands import ui
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    parent = (f"import subprocess, sys, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"subprocess.Popen([sys.executable, '-c', {stubborn!r}]); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    time.sleep(1.0)  # the grandchild is up
+    t0 = time.monotonic()
+    ui.stop_group(proc, timeout=1.0)
+    assert time.monotonic() - t0 < 10 and proc.returncode == -signal.SIGKILL
+    assert ui.live_members(proc.pid) == []  # the grandchild too (at most a zombie for init to reap)
+
+
 # ---------------------------------------------------------------------------------------------
 # the troubleshooting page
 # ---------------------------------------------------------------------------------------------

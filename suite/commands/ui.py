@@ -124,13 +124,32 @@ def stop_group(proc: subprocess.Popen, timeout: float = STOP_SECONDS) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return bool(live_members(pgid))
+
+
+def live_members(pgid: int) -> list[int]:
+    """Pids of the process group's members that are still running. Zombies do not count: they
+    hold no port, and an init that does not reap (some containers) would keep them forever."""
+    from pathlib import Path
+
+    proc = Path("/proc")
+    if not proc.is_dir():  # no procfs: ask the kernel whether anything is in the group
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [pgid]
+    live = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
 
 
 def _wait_ready(proc: subprocess.Popen, url: str) -> bool:
