@@ -616,14 +616,14 @@ def mlflow_server(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1 (tmp store), stopped afterwards."""
     import urllib.request
 
-    from suite.commands.ui import server_argv
+    from suite.commands.ui import server_argv, server_env, stop_group
 
     port = _free_port()
     store = tmp_path / "server"
     store.mkdir()
     log = (store / "server.log").open("w")
     proc = subprocess.Popen(server_argv(f"sqlite:///{store / 'mlflow.db'}", port=port), cwd=store,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -638,14 +638,9 @@ def mlflow_server(tmp_path):
         yield url
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group we started (server + its workers)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+            stop_group(proc)  # the group we started (server + its workers), as `gistress ui` does
+        finally:
+            log.close()
 
 
 @pytest.mark.slow
