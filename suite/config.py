@@ -136,9 +136,11 @@ class RunConfig(BaseModel):
     leak_lpips: float = 0.1
 
     def config_hash(self) -> str:
-        """A stable hash of the resolved config (resume key). How often step metrics are logged
-        changes no result, so ``attack.log_every`` is left out."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"attack": {"log_every"}}), sort_keys=True)
+        """A stable hash of the resolved config (resume key). ``attack.log_every`` counts only when
+        set, as it did before it could be unset: settings that set it keep their hash (and their
+        finished runs), and leaving it to its default starts no new setting."""
+        unset = {"attack": {"log_every"}} if self.attack.log_every is None else None
+        blob = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def assumption_level(self, task: str | None = None, has_bn: bool = True) -> int:
