@@ -434,7 +434,7 @@ class Attacker:
 
         Tracks, per restart, the iterate with the lowest objective (``keep=best``), boxes the
         candidate after each step (``clamp``), and stops a restart at the step where its values
-        turn NaN/inf, restoring its best iterate. ``log(step, parts)`` every ``log_every`` steps.
+        turn NaN/inf, restoring its best iterate. ``log(step, parts)`` every ``log_interval`` steps.
         """
         spec = self.spec
         x = variables[0]
@@ -497,7 +497,7 @@ class Attacker:
                 with torch.no_grad():  # a diverged restart (batched) rests at its best iterate
                     for v, b in zip(variables, best):
                         rows(v)[~alive] = b[~alive]
-            if step % spec.log_every == 0 or step == iters - 1:
+            if step % spec.log_interval == 0 or step == iters - 1:
                 log(step, last_parts)
         if spec.keep == "best" and bool(alive.any()):
             total, parts = objective()  # the final iterate is a candidate too

@@ -342,8 +342,7 @@ def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images
         notes.append("no BatchNorm: train mode, no BN statistics")
     iters = iterations or {"gia_bn": b.gia_bn_iterations, "dlg": b.dlg_iterations}.get(lv.preset, b.ig_iterations)
     restarts = b.strongest_restarts if lv.strongest else 1
-    attack = dict(preset=lv.preset, iterations=iters, restarts=restarts, control=True,
-                  log_every=max(1, iters // 50))
+    attack = dict(preset=lv.preset, iterations=iters, restarts=restarts, control=True)
     weights = base.weights
     if lv.eval_mode and has_bn and weights == "random":
         weights = "calibrated"
@@ -844,6 +843,7 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
     from mlflow.entities import Param
 
     from suite import tracking
+    from suite.mlflow_ui import describe_setting
 
     lv = pl.level
     t0 = time.perf_counter()
@@ -853,6 +853,7 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
              "assumption_level": pl.assumption_level, "mlflow.parentRunId": parent_id,
              "client_batches": "each image is its own client batch of 1"}
     tags = tracking.setting_tags(pl.config, extra)
+    tags[tracking.NOTE_TAG] = describe_setting(pl.config)
     run_id = client.create_run(exp_id, tags=tags, run_name=pl.name).info.run_id
     outcome.run_id = run_id
     handle = tracking.SettingRun(client, run_id, pl.config)
@@ -861,31 +862,34 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
     label = f"{lv.key} · positive control ({pl.config.variant})" if pl.is_control else lv.key
     try:
         with tracking.terminal_status(client, run_id):
-            params = pl.config.flat_params()
-            params.update(batch_size=1, clients=len(pl.config.images), audit_level=lv.key)
-            plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            params = tracking.setting_params(pl.config)
+            params.update(batch_size="1", clients=str(len(pl.config.images)), audit_level=lv.key)
+            plist = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(plist), 100):
                 client.log_batch(run_id, params=plist[i : i + 100])
             import yaml
 
             client.log_text(run_id, yaml.safe_dump(pl.config.model_dump(mode="json"), sort_keys=False),
                             "config.yaml")
-            for i, cfg in enumerate(pl.client_configs()):
-                image = cfg.images[0]
-                prefix = f"img{i}/"
+            try:  # the curves logged so far are kept whatever ends the level
+                for i, cfg in enumerate(pl.client_configs()):
+                    image = cfg.images[0]
+                    prefix = f"img{i}/"
 
-                def on_step(step, metrics, prefix=prefix):
-                    handle.log_step(step, {prefix + k: v for k, v in metrics.items()})
+                    def on_step(step, metrics, prefix=prefix):
+                        handle.log_step(step, {prefix + k: v for k, v in metrics.items() if k != "step"})
 
-                ti = time.perf_counter()
-                res = runner(cfg, out_dir=level_dir / f"{i:02d}_{_safe(image)}", progress=progress,
-                             on_step=on_step)
-                sample = add_result(outcome, image, res)
-                _log_client(client, run_id, i, image, res)
-                ctrl = f", control {sample.control_psnr:.1f}" if sample.control_psnr is not None else ""
-                print(f"[{pl.number}/{n}] {label} · {image}: PSNR {sample.psnr:.1f} dB{ctrl}, "
-                      f"leaked {'yes' if sample.leaked else 'no'} ({time.perf_counter() - ti:.0f} s)",
-                      file=out, flush=True)
+                    ti = time.perf_counter()
+                    res = runner(cfg, out_dir=level_dir / f"{i:02d}_{_safe(image)}", progress=progress,
+                                 on_step=on_step)
+                    sample = add_result(outcome, image, res)
+                    _log_client(client, run_id, i, image, res)
+                    ctrl = f", control {sample.control_psnr:.1f}" if sample.control_psnr is not None else ""
+                    print(f"[{pl.number}/{n}] {label} · {image}: PSNR {sample.psnr:.1f} dB{ctrl}, "
+                          f"leaked {'yes' if sample.leaked else 'no'} ({time.perf_counter() - ti:.0f} s)",
+                          file=out, flush=True)
+            finally:
+                handle.flush()
             outcome.status = "FINISHED"
             outcome.seconds = time.perf_counter() - t0
             _log_level(client, run_id, outcome, pl)

@@ -66,7 +66,8 @@ class AttackSpec(BaseModel):
     init_file: str | None = None
     labels: Literal["auto", "joint"] | None = None
     control: bool = False
-    log_every: int = Field(25, ge=1)
+    # steps between logged step metrics; None: about 50 points per run (every step on short runs)
+    log_every: int | None = Field(None, ge=1)
     clamp: bool | None = None                             # box to the valid image range after each step
     # normalized: the candidate lives in the variant's (x - mean) / std space, where lr, TV and the
     # box act (the references); pixel: the candidate is [0, 1] pixels (steps ~1/std larger)
@@ -104,6 +105,11 @@ class AttackSpec(BaseModel):
         return self
 
     @property
+    def log_interval(self) -> int:
+        """``log_every``, or when unset the interval that logs about 50 points over the budget."""
+        return self.log_every or max(1, self.iterations // 50)
+
+    @property
     def oracle_init(self) -> bool:
         """True when the start image is derived from the target (an oracle assumption)."""
         return self.init == "noisy_target"
@@ -130,8 +136,11 @@ class RunConfig(BaseModel):
     leak_lpips: float = 0.1
 
     def config_hash(self) -> str:
-        """A stable hash of the resolved config (resume key)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A stable hash of the resolved config (resume key). ``attack.log_every`` counts only when
+        set, as it did before it could be unset: settings that set it keep their hash (and their
+        finished runs), and leaving it to its default starts no new setting."""
+        unset = {"attack": {"log_every"}} if self.attack.log_every is None else None
+        blob = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def assumption_level(self, task: str | None = None, has_bn: bool = True) -> int:

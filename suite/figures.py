@@ -77,6 +77,16 @@ def write_summary_csv(rows: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
+def _has_control(rows: Sequence[dict]) -> bool:
+    return any("control" in (r.get("artifacts") or {}) or "control_psnr" in (r.get("metrics") or {}) for r in rows)
+
+
+def comparison_name(rows: Sequence[dict]) -> str:
+    """The study figure's name on the parent run: what its columns hold, in order."""
+    panels = [p for p, _ in PANELS if _has_control(rows) or p != "control"]
+    return "study_comparison_" + "_".join(panels) + ".png"
+
+
 def _panel_path(row: dict, panel: str, client, cache_dir: Path | None) -> Path | None:
     """A panel's PNG: the local artifact if present, else downloaded from the MLflow run."""
     local = (row.get("artifacts") or {}).get(panel)
@@ -125,9 +135,7 @@ def study_figure(rows: Sequence[dict], path: str | Path, *, title: str = "", cli
         by_cell[(label, img)] = r
     slots = max(len(v) for v in row_images.values())
     slot_names = [{imgs[j] for imgs in row_images.values() if j < len(imgs)} for j in range(slots)]
-    has_control = any("control" in (r.get("artifacts") or {}) or "control_psnr" in (r.get("metrics") or {})
-                      for r in rows)
-    panels = [p for p in PANELS if has_control or p[0] != "control"]
+    panels = [p for p in PANELS if _has_control(rows) or p[0] != "control"]
     ncols, nrows = slots * len(panels), len(row_keys)
     label_w = 2.6
     fig = plt.figure(figsize=(label_w + cell_inches * ncols, 0.6 + (cell_inches + 0.35) * nrows))

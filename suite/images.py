@@ -38,11 +38,22 @@ def draw_boxes(img: Image.Image, boxes: list[torch.Tensor] | None, offset_w: int
     return img
 
 
-def save_png(images: torch.Tensor, path: Path, boxes=None) -> Path:
-    """Saves a batch as one PNG row (boxes drawn when given)."""
+LEGIBLE_PX = 256  # the long side of an upscaled copy: a 32-pixel image is a smudge at its own size
+
+
+def upscale_factor(size: tuple[int, int], long_side: int = LEGIBLE_PX) -> int:
+    """The integer factor that brings an image's long side to at least ``long_side`` (1: no need)."""
+    return max(1, -(-long_side // max(size)))
+
+
+def save_png(images: torch.Tensor, path: Path, boxes=None, *, scale: int = 1) -> Path:
+    """Saves a batch as one PNG row (boxes drawn when given), ``scale`` times larger with
+    nearest-neighbour upscaling (each pixel a visible block, nothing smoothed or invented)."""
     img = tile(images)
     if boxes is not None:
         img = draw_boxes(img, boxes, images.shape[-1])
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
@@ -63,7 +74,7 @@ def side_by_side(rows: list[tuple[str, torch.Tensor]], path: Path, boxes=None) -
             pil = to_pil(imgs[i])
             if boxes is not None and title == "target":
                 pil = draw_boxes(pil, [boxes[i]])
-            ax.imshow(pil)
+            ax.imshow(pil, interpolation="nearest")  # pixels as they are, not smoothed
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -242,26 +242,32 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
 
 
 def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
-    """target / init / reconstruction / control PNGs, the side-by-side grid, config and tensor."""
-    from suite.images import save_png, side_by_side
+    """target / init / reconstruction / control PNGs at their own size and upscaled to a legible
+    one (``<name>_x<factor>.png``), the side-by-side comparison grid, config, metrics and tensor."""
+    from suite.images import save_png, side_by_side, upscale_factor
 
     out_dir.mkdir(parents=True, exist_ok=True)
     batch, recon = result.target, result.reconstruction
     boxes = batch.boxes
     # reorder reconstructions to their matched targets so each column pairs up
     matched = recon.images[result.scores.order]
-    arts = {
-        "target": save_png(batch.images, out_dir / "target.png", boxes=boxes),
-        "init": save_png(recon.init, out_dir / "init.png"),
-        "reconstruction": save_png(matched, out_dir / "reconstruction.png"),
-    }
-    rows = [("target", batch.images), ("init", recon.init)]
+    panels = {"target": batch.images, "init": recon.init, "reconstruction": matched}
     if result.control is not None:
-        ctrl = result.control.images[result.control_scores.order]
-        arts["control"] = save_png(ctrl, out_dir / "control.png")
-        rows.append(("control (prior only)", ctrl))
+        panels["control"] = result.control.images[result.control_scores.order]
+    scale = upscale_factor((matched.shape[-1] * matched.shape[0], matched.shape[-2]))
+    arts = {}
+    for name, images in panels.items():
+        box = boxes if name == "target" else None
+        arts[name] = save_png(images, out_dir / f"{name}.png", boxes=box)
+        if scale > 1:
+            arts[f"{name}_large"] = save_png(images, out_dir / f"{name}_x{scale}.png", boxes=box, scale=scale)
+    rows = [("target", batch.images), ("init", recon.init)]
+    if "control" in panels:
+        rows.append(("control (prior only)", panels["control"]))
     rows.append(("reconstruction", matched))
-    arts["grid"] = side_by_side(rows, out_dir / "grid.png", boxes=boxes)
+    # the file name says what the grid holds, in the order of its columns
+    grid_name = "comparison_" + "_".join(r[0].split()[0] for r in rows) + ".png"
+    arts["grid"] = side_by_side(rows, out_dir / grid_name, boxes=boxes)
     cfg_path = out_dir / "config.json"
     cfg_path.write_text(json.dumps(result.config.model_dump(mode="json"), indent=2))
     arts["config"] = cfg_path

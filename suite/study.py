@@ -129,10 +129,13 @@ class Setting:
     def config_hash(self) -> str:
         return self.config.config_hash()
 
+    show_seed: bool = False  # seeds vary in the study: names say which
+    show_image: bool = False  # images vary: names say which
+
     @property
     def row_label(self) -> str:
         """The setting without its image: one figure row per label."""
-        return _run_name(self.config.variant, self.label_axes, self.seed)
+        return _run_name(self.config.variant, self.label_axes, self.seed if self.show_seed else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +437,8 @@ def parse_sets(sets: Iterable[str]) -> tuple[dict, dict]:
 
 def _short_key(key: str) -> str:
     last = key.rsplit(".", 1)[-1]
-    return {"bn_mode": "bn", "noise_p": "p", "noise_sigma": "sigma", "iterations": "iters"}.get(last, last)
+    return {"bn_mode": "bn", "noise_p": "p", "noise_sigma": "sigma", "iterations": "iters",
+            "attacker_knows_training": "knows_training", "local_batch_size": "local_bs"}.get(last, last)
 
 
 def _short_value(value: Any) -> str:
@@ -449,9 +453,15 @@ def _short_value(value: Any) -> str:
     return str(value)
 
 
-def _run_name(variant: str, axes: dict[str, Any], seed: Any, image: str | None = None) -> str:
-    """A readable run name, e.g. 'preact_resnet18 bn=train seed=0 img=astronaut'."""
-    parts = [str(variant)]
+def _run_name(variant: str, axes: dict[str, Any], seed: Any = None, image: str | None = None) -> str:
+    """A short run name made of what differs between settings, e.g. 'preact_resnet18 bn=train'.
+
+    ``axes`` are the varying axes that tell settings apart; the variant leads when it is one of
+    them (or when nothing else is). ``seed`` and ``image`` are added only when given (the caller
+    passes them when they vary). The MLflow runs table shows a name's first characters, so
+    nothing constant goes in: the constants are params and tags.
+    """
+    parts = [str(variant)] if "variant" in axes or not axes else []
     for key, value in axes.items():
         if key == "variant":
             continue
@@ -459,7 +469,8 @@ def _run_name(variant: str, axes: dict[str, Any], seed: Any, image: str | None =
             parts.append(_short_value(value))
         else:
             parts.append(f"{_short_key(key)}={_short_value(value)}")
-    parts.append(f"seed={seed}")
+    if seed is not None:
+        parts.append(f"seed={seed}")
     if image is not None:
         parts.append(f"img={image}")
     return " ".join(parts)
@@ -528,6 +539,10 @@ def expand_settings(spec: StudySpec | str | Path, profile: str | None = None,
                 point.update({k: v[i] for k, v in g.items()})
             points.append(point)
     label_axes = _label_axes(points, varying)
+    show_seed = len(set(seed_list)) > 1 or ("seed" in varying and not _implies(points, label_axes, "seed"))
+    # images name a setting when several are attacked per point, or when the points' images are
+    # not implied by the axes already in the name (a zip of variant and image is named by variant)
+    show_image = len(image_list) > 1 or ("images" in varying and not _implies(points, label_axes, "images"))
 
     settings: list[Setting] = []
     seen: set[str] = set()
@@ -547,16 +562,29 @@ def expand_settings(spec: StudySpec | str | Path, profile: str | None = None,
                 except ValidationError as exc:
                     imgs = merged.get("images")
                     img = "+".join(map(str, imgs)) if isinstance(imgs, list) else "default"
-                    name = _run_name(merged.get("variant", "?"), label, merged.get("seed", seed), img)
+                    name = _run_name(merged.get("variant", "?"), label, merged.get("seed", seed) if show_seed else None,
+                                     img if show_image else None)
                     raise _setting_error(exc, len(settings) + 1, name, spec.source) from None
                 h = cfg.config_hash()
                 if h in seen:
                     continue  # e.g. a profile pinned an axis to one value: run it once
                 seen.add(h)
                 img = "+".join(cfg.images)
-                settings.append(Setting(index=len(settings), name=_run_name(cfg.variant, label, cfg.seed, img),
-                                        config=cfg, axes=axes, label_axes=label, seed=cfg.seed, image=img))
+                name = _run_name(cfg.variant, label, cfg.seed if show_seed else None, img if show_image else None)
+                settings.append(Setting(index=len(settings), name=name, config=cfg, axes=axes, label_axes=label,
+                                        seed=cfg.seed, image=img, show_seed=show_seed, show_image=show_image))
     return settings
+
+
+def _implies(points: list[dict], keys: Sequence[str], target: str) -> bool:
+    """True when the values of ``keys`` determine ``target`` across the points."""
+    seen: dict[str, str] = {}
+    for p in points:
+        sig = json.dumps([p[k] for k in keys], sort_keys=True, default=str)
+        val = json.dumps(p.get(target), sort_keys=True, default=str)
+        if seen.setdefault(sig, val) != val:
+            return False
+    return True
 
 
 def _label_axes(points: list[dict], varying: list[str]) -> list[str]:
@@ -854,10 +882,20 @@ def _finish(outcome, settings, results, reused, client, study_dir, parent_id, ou
     try:
         outcome.csv_path = figures.write_summary_csv(rows, study_dir / "summary.csv")
         client.log_artifact(parent_id, str(outcome.csv_path))
+        from suite.mlflow_ui import save_study_view, summary_table
+
+        # the runs-table view first: it is what `gistress ui` opens, whatever fails after it
+        save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile)
+        table = summary_table(rows)
+        if table:  # the same table, rendered as a table on the parent's artifacts page
+            client.log_table(parent_id, table, "summary_table.json")
         outcome.figure_path = figures.study_figure(rows, study_dir / "figure.png", title=outcome.study,
                                                    client=client, cache_dir=study_dir / ".artifact-cache")
         if outcome.figure_path is not None:
-            client.log_artifact(parent_id, str(outcome.figure_path))
+            from PIL import Image
+
+            with Image.open(outcome.figure_path) as im:
+                client.log_image(parent_id, im.convert("RGB"), artifact_file=f"images/{figures.comparison_name(rows)}")
         counts = outcome.counts
         for status, n in counts.items():
             client.set_tag(parent_id, f"n_{status.lower()}", str(n))
@@ -873,12 +911,14 @@ def _reused_row(client, s: Setting, run_id: str, study_dir: Path) -> dict:
     row = {"index": s.index, "name": s.name, "status": "FINISHED", "run_id": run_id, "error": None,
            "reused": True, "metrics": {}, "artifacts": {}}
     try:
+        from suite.tracking import internal_metrics
+
         run = client.get_run(run_id)
-        row["metrics"] = dict(run.data.metrics)
+        row["metrics"] = internal_metrics(run.data.metrics)  # MLflow's names back to the suite's keys
     except Exception as exc:
         row["error"] = f"earlier run unreadable: {exc}"
     local = study_dir / s.config_hash
-    for name in ("target", "control", "reconstruction", "init", "grid"):
+    for name in ("target", "control", "reconstruction", "init"):
         p = local / f"{name}.png"
         if p.is_file():
             row["artifacts"][name] = str(p)
@@ -932,14 +972,15 @@ def _report(outcome: StudyOutcome, out, json_out: bool) -> None:
         print(f"summary: {outcome.csv_path.resolve()}", file=out)
     if outcome.figure_path:
         print(f"figure: {outcome.figure_path.resolve()}", file=out)
+    from suite.mlflow_ui import runs_link
     from suite.tracking import is_http, resolve_tracking_uri
 
-    uri = outcome.tracking_uri
-    if uri and is_http(uri):
-        print(f"compare runs: open {uri} (experiment '{outcome.study}')", file=out)
-    elif uri:
+    uri, exp_id = outcome.tracking_uri, outcome.experiment_id
+    if uri and exp_id and is_http(uri):
+        print(f"compare runs: {runs_link(uri, exp_id)}", file=out)
+    elif uri and exp_id:
         ui = "gistress ui" if uri == resolve_tracking_uri(None) else f"gistress ui --tracking-uri {uri}"
-        print(f"compare runs: `{ui}`, then open http://127.0.0.1:5000 (experiment '{outcome.study}')", file=out)
+        print(f"compare runs: `{ui}`, then open {runs_link('http://127.0.0.1:5000', exp_id)}", file=out)
     if json_out:
         print(json.dumps(jsonable(outcome.to_json())), file=out)
 

@@ -32,11 +32,29 @@ import suite
 from suite.errors import DivergenceError, GistressError
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+# Metric names as MLflow shows them. The UI groups charts by the part before "/", so scores,
+# the control, the gain and the loss terms land in their own sections; result dicts inside the
+# suite keep the plain keys (psnr, control_psnr, matching_loss, ...). The one place names change.
+METRIC_NAMES = {
+    "psnr": "score/psnr", "ssim": "score/ssim", "lpips": "score/lpips", "brr": "score/brr",
+    "wsrr": "score/wsrr", "label_accuracy": "score/label_accuracy", "init_psnr": "score/init_psnr",
+    "oracle_best_restart_psnr": "oracle/best_restart_psnr",
+    "matching_loss": "loss/matching", "total": "loss/total", "tv": "loss/tv", "bn_prior": "loss/bn_prior",
+    "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds",
+}
+_PREFIXES = {"control_": "control/", "gain_": "gain/"}  # control_psnr -> control/psnr, gain_ssim -> gain/ssim
+_NOT_LOGGED = ("step",)  # the step is MLflow's x axis already
+# Params that share a name with a loss term are the terms' weights.
+PARAM_NAMES = {"tv": "weight/tv", "bn_prior": "weight/bn_prior"}
+# Final metrics are logged to this many significant digits so that the runs table reads
+# "7.32", not "7.3213491439819336"; metrics.json and scores.json keep full precision.
+_DIGITS = 4
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # MLflow limits: 8000 characters for a tag value, 6000 for a param value, 100 params per batch.
 _TAG_MAX, _PARAM_MAX, _BATCH = 5000, 6000, 100
 # The tag that marks a run as one setting of a study (resume looks these up).
 KIND_TAG = "gistress.kind"
+NOTE_TAG = "mlflow.note.content"  # a run's description, rendered as Markdown on its page
 
 
 class Terminated(KeyboardInterrupt):
@@ -210,6 +228,51 @@ def one_line_error(exc: BaseException, limit: int = _TAG_MAX) -> str:
     return " ".join(text.split())[:limit]
 
 
+def metric_name(key: str) -> str | None:
+    """The MLflow name of an internal metric key (None: not logged); unknown keys pass as they are."""
+    if key in _NOT_LOGGED:
+        return None
+    if key in METRIC_NAMES:
+        return METRIC_NAMES[key]
+    for prefix, group in _PREFIXES.items():
+        if key.startswith(prefix):
+            return group + key[len(prefix):]
+    return key
+
+
+def internal_metrics(mlflow_metrics: Mapping[str, float]) -> dict[str, float]:
+    """Metrics read back from MLflow under the suite's internal keys (runs logged before the
+    renaming carry the internal keys already and pass unchanged)."""
+    inverse = {v: k for k, v in METRIC_NAMES.items()}
+    out = {}
+    for name, value in mlflow_metrics.items():
+        key = inverse.get(name)
+        if key is None:
+            group = next((p for p, g in _PREFIXES.items() if name.startswith(g)), None)
+            key = group + name[len(_PREFIXES[group]):] if group else name
+        out[key] = value
+    return out
+
+
+def mlflow_metrics(metrics: Mapping[str, Any], *, digits: int | None = None) -> dict[str, float]:
+    """Numeric metrics under their MLflow names, optionally rounded to ``digits`` significant digits."""
+    out = {}
+    for key, value in numeric_metrics(metrics).items():
+        name = metric_name(key)
+        if name is not None:
+            out[name] = _round(value, digits) if digits else value
+    return out
+
+
+def _round(value: float, digits: int) -> float:
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+
+
+def setting_params(cfg) -> dict[str, str]:
+    """The run's params: ``cfg.flat_params()`` with the loss weights named ``weight/...``."""
+    return {PARAM_NAMES.get(k, k): str(v)[:_PARAM_MAX] for k, v in cfg.flat_params().items()}
+
+
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Keep numeric values (bools as 0/1); MLflow stores NaN/inf as such, so they stay."""
     out = {}
@@ -249,13 +312,16 @@ def create_setting_run(
 
     client = client or client_for(tracking_uri)
     exp_id = experiment_id(client, experiment)
+    from suite.mlflow_ui import describe_setting
+
     tags = setting_tags(cfg, extra_tags)
+    tags.setdefault(NOTE_TAG, describe_setting(cfg))
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, tags=tags, run_name=run_name)
     run_id = run.info.run_id
     try:
-        params = [Param(k, str(v)[:_PARAM_MAX]) for k, v in cfg.flat_params().items()]
+        params = [Param(k, v) for k, v in setting_params(cfg).items()]
         for i in range(0, len(params), _BATCH):
             client.log_batch(run_id, params=params[i : i + _BATCH])
         if scheduled:
@@ -267,7 +333,14 @@ def create_setting_run(
 
 
 class SettingRun:
-    """Handle yielded by ``setting_run``: log step metrics and the final result."""
+    """Handle yielded by ``setting_run``: log step metrics and the final result.
+
+    Step metrics are buffered and written every few seconds (and on ``flush``), so logging a
+    curve at 50+ points costs a handful of store writes, not one per logged step.
+    """
+
+    FLUSH_SECONDS = 5.0
+    FLUSH_METRICS = 1000  # MLflow's batch limit
 
     def __init__(self, client, run_id: str, cfg):
         self.client = client
@@ -275,39 +348,58 @@ class SettingRun:
         self.cfg = cfg
         self._step_warned = False
         self._last_step = 0
+        self._pending: list = []
+        self._flushed_at = time.monotonic()
+        self._curves: set[str] = set()  # metric names that have a step curve in this run
 
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Log step metrics; a tracking hiccup warns once and never stops the attack."""
+        """Queue step metrics; a tracking hiccup warns once and never stops the attack."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, int(step)) for k, v in numeric_metrics(metrics).items()]
+        batch = [Metric(k, v, now, int(step)) for k, v in mlflow_metrics(metrics).items()]
         if not batch:
             return
         self._last_step = max(self._last_step, int(step))
+        self._curves.update(m.key for m in batch)
+        self._pending.extend(batch)
+        if len(self._pending) >= self.FLUSH_METRICS or time.monotonic() - self._flushed_at >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write queued step metrics now (warns once on a tracking error, never raises)."""
+        pending, self._pending = self._pending, []
+        self._flushed_at = time.monotonic()
         try:
-            self.client.log_batch(self.run_id, metrics=batch)
+            for i in range(0, len(pending), self.FLUSH_METRICS):
+                self.client.log_batch(self.run_id, metrics=pending[i : i + self.FLUSH_METRICS])
         except Exception as exc:  # step curves are nice to have; the final result is not optional
             if not self._step_warned:
                 print(f"warning: step metrics not logged ({one_line_error(exc, 200)})", file=sys.stderr)
                 self._step_warned = True
 
     def log_result(self, result) -> None:
-        """Log final metrics, the result's tags, every artifact (images under ``images/``),
-        the resolved config (``config.yaml``) and per-sample scores (``scores.json``)."""
+        """Log final metrics, the result's tags and description, every artifact (images under
+        ``images/``), the resolved config (``config.yaml``) and per-sample scores (``scores.json``)."""
         import yaml
         from mlflow.entities import Metric
 
+        from suite.mlflow_ui import describe_result
+
+        self.flush()
         now = int(time.time() * 1000)
-        # Final values go at the last step: MLflow shows a metric's value at its highest step, and
-        # step curves (psnr, matching_loss) share names with final metrics.
+        # A final value that ends a step curve (score/psnr, loss/matching) goes at the last step:
+        # MLflow shows a metric's value at its highest step. The others go at step 0, which makes
+        # MLflow's chart view draw them as bars across runs instead of lone dots at the last step.
         cfg = result.config if result.config is not None else self.cfg
         final_step = max(int(cfg.attack.iterations), self._last_step)
-        metrics = [Metric(k, v, now, final_step) for k, v in numeric_metrics(result.metrics).items()]
+        metrics = [Metric(k, v, now, final_step if k in self._curves else 0)
+                   for k, v in mlflow_metrics(result.metrics, digits=_DIGITS).items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         for key, value in (result.tags or {}).items():
             self.client.set_tag(self.run_id, str(key), _tag_value(value))
+        self.client.set_tag(self.run_id, NOTE_TAG, describe_result(cfg, result.metrics, result.tags or {}))
         for path in (result.artifacts or {}).values():
             path = Path(path)
             if path.is_file():
@@ -362,7 +454,10 @@ def setting_run(
         client.update_run(run_id, status="RUNNING")
     handle = SettingRun(client, run_id, cfg)
     with terminal_status(client, run_id):
-        yield handle
+        try:
+            yield handle
+        finally:
+            handle.flush()  # an interrupted run keeps the curve up to where it stopped
 
 
 @contextlib.contextmanager

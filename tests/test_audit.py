@@ -114,6 +114,10 @@ def test_classifier_quick_audit_runs_the_whole_battery(workdir, store, capsys):
     assert all(p["control"] == "True" and p["batch_size"] == "1" for p in params.values())
     for c in children:
         assert {"brr", "wsrr", "median_psnr", "leaked"} <= set(c.data.metrics)
+        assert "weight/tv" in c.data.params and "tv" not in c.data.params  # the weight, not the loss value
+        assert c.data.tags["mlflow.note.content"].startswith(f"**{c.data.params['variant']}**")
+    # step curves are buffered and still all reach MLflow
+    assert client.get_metric_history(children[0].info.run_id, "img0/matching_loss")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "report.html", "verdict.json", "verdict.csv", "audit.png"} <= artifacts
 

@@ -22,7 +22,8 @@ def test_attack_cli_writes_table_pngs_and_one_mlflow_run(workdir, capsys):
     assert rc == 0
     assert "PSNR" in out and "prior-only ctrl" in out and "gradient gain" in out
     summary = _last_json(out)
-    for name in ("target.png", "init.png", "reconstruction.png", "control.png", "grid.png", "config.json"):
+    for name in ("target.png", "init.png", "reconstruction.png", "control.png", "reconstruction_x8.png",
+                 "comparison_target_init_control_reconstruction.png", "config.json"):
         assert (workdir / "out" / name).is_file(), name
     assert {"psnr", "ssim", "brr", "wsrr", "control_psnr", "gain_psnr"} <= set(summary["metrics"])
     client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
@@ -33,11 +34,24 @@ def test_attack_cli_writes_table_pngs_and_one_mlflow_run(workdir, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.params["variant"] == "lenet" and run.data.params["restarts"] == "2"
     assert run.data.tags["config_hash"] == summary["config_hash"]
-    assert "psnr" in run.data.metrics
+    link = f"/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert f"mlflow run: {run.info.run_id}; its page once `gistress ui` serves the store: " \
+           f"http://127.0.0.1:5000{link}" in out
+    assert "score/psnr" in run.data.metrics and "control/psnr" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
-    assert "images/reconstruction.png" in arts
-    hist = client.get_metric_history(run.info.run_id, "matching_loss")
+    assert {"images/reconstruction.png", "images/reconstruction_x8.png"} <= arts
+    hist = client.get_metric_history(run.info.run_id, "loss/matching")
     assert len(hist) >= 3  # step metrics every 2 steps, plus the final value
+
+
+def test_step_metrics_default_to_about_fifty_points(workdir, capsys):
+    """Without --log-every a run logs a curve (>= 50 points when the budget has that many steps)."""
+    assert main(["attack", "--variant", "lenet", "--size", "32", "--preset", "ig", "--iterations", "120",
+                 "--quiet", "--out", "out", "--device", "cpu"]) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")  # absolute: MLflow caches engines by URI
+    (run,) = client.search_runs([client.get_experiment_by_name("gistress-attack").experiment_id])
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss/matching"))
+    assert steps[:3] == [0, 2, 4] and len(steps) >= 50 and steps[-1] == 120
 
 
 def test_yolo_attack_cli_runs_on_bus(workdir, capsys):
@@ -100,3 +114,4 @@ def test_bad_input_is_one_line_error_with_nonzero_exit(workdir, capsys, argv, me
         for exp in client.search_experiments():
             for run in client.search_runs([exp.experiment_id]):
                 assert run.info.status != "RUNNING"
+

@@ -238,7 +238,7 @@ BAD_INPUTS = [
     ("study-empty-grid", lambda i: ["study", i["spec"]("empty_grid"), "--out", "out"],
      ["grid axis 'attack.tv' in {spec}:", "is empty", "give it at least one value"]),
     ("study-unknown-variant", lambda i: ["study", i["spec"]("unknown_variant"), "--out", "out"],
-     ["setting 2 (lenett seed=0 img=astronaut)", "unknown variant 'lenett'", "did you mean lenet"]),
+     ["setting 2 (lenett)", "unknown variant 'lenett'", "did you mean lenet"]),
     ("study-unknown-variant-option", lambda i: ["study", i["spec"]("unknown_option"), "--out", "out"],
      ["unknown option 'depth' for variant 'lenet'", "valid options: num_classes"]),
     ("study-tracking-server-unreachable", lambda i: ["study", i["spec"]("good"), "--out", "out", "--tracking-uri",
@@ -396,7 +396,7 @@ def test_study_marks_diverged_setting_failed_and_continues(workdir, store):
     assert bad.info.status == "FAILED" and good.info.status == "FINISHED"
     step = bad.data.tags["failed_step"]
     assert step.isdigit() and f"diverged at step {step}" in bad.data.tags["error"]
-    assert "psnr" in good.data.metrics
+    assert "score/psnr" in good.data.metrics
     assert mlflow_client(store).get_run(out.parent_run_id).info.status == "FINISHED"
     assert [r["status"] for r in out.rows] == ["FAILED", "FINISHED"]
     assert "diverged" in out.rows[0]["error"]
@@ -494,7 +494,7 @@ def test_sigterm_ends_an_attack_killed(workdir, store, capsys, monkeypatch):
     assert restored is record  # the CLI puts back the handler it replaced
     (run,) = runs_of(store, "hard-sigterm")
     assert run.info.status == "KILLED" and run.data.tags["error"] == "terminated (SIGTERM)"
-    history = mlflow_client(store).get_metric_history(run.info.run_id, "matching_loss")
+    history = mlflow_client(store).get_metric_history(run.info.run_id, "loss/matching")
     assert max(m.step for m in history) == 2  # it stopped where it was told to
 
 
@@ -614,21 +614,55 @@ def test_ui_binds_loopback_unless_asked(workdir, capsys, monkeypatch):
     from suite.commands import ui
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    started: list[tuple[list[str], dict]] = []
+    stopped: list[int] = []
 
-    started: list[list[str]] = []
-    monkeypatch.setattr(ui.subprocess, "run", lambda argv, **kw: started.append(argv) or
-                        subprocess.CompletedProcess(argv, 0))
+    class Server:  # stands in for the mlflow server: up at once, then the user presses Ctrl-C
+        pid = 4242
+
+        def __init__(self, argv, **kw):
+            started.append((argv, kw))
+
+        def poll(self):
+            return None
+
+        def wait(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ui.subprocess, "Popen", Server)
+    monkeypatch.setattr(ui, "_wait_ready", lambda proc, url: True)
+    monkeypatch.setattr(ui, "stop_group", lambda proc: stopped.append(proc.pid))
     (workdir / "mlflow.db").touch()
-    assert cli(["ui"]) == 0
-    argv = started[-1]
+    assert cli(["ui", "--port", "5011"]) == 0
+    argv, kw = started[-1]
     assert argv[1:4] == ["-m", "mlflow", "server"]
-    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5000"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5011"
     assert "--allowed-hosts" not in argv and "0.0.0.0" not in argv
-    assert "http://127.0.0.1:5000" in capsys.readouterr().out
-    assert cli(["ui", "--host", "0.0.0.0", "--port", "5050"]) == 0  # the user asks for the network
-    argv = started[-1]
+    # its own session (Ctrl-C and the clean-up reach the whole tree), no GenAI job runner
+    assert kw["start_new_session"] is True and kw["env"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert stopped == [4242]  # Ctrl-C ended the server's process group
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:5011" in out and "serving at http://127.0.0.1:5011" in out
+    assert cli(["ui", "--host", "0.0.0.0", "--port", "5012"]) == 0  # the user asks for the network
+    argv, _ = started[-1]
     assert argv[argv.index("--host") + 1] == "0.0.0.0" and argv[argv.index("--allowed-hosts") + 1] == "*"
     assert ui.server_argv("sqlite:///x.db")[ui.server_argv("sqlite:///x.db").index("--host") + 1] == "127.0.0.1"
+
+
+def test_ui_stop_group_kills_a_tree_that_ignores_sigterm():
+    """A server whose workers ignore SIGTERM still ends, grandchildren included (SIGKILL after the wait)."""
+    from suite.commands import ui
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    parent = (f"import subprocess, sys, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"subprocess.Popen([sys.executable, '-c', {stubborn!r}]); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    time.sleep(1.0)  # the grandchild is up
+    t0 = time.monotonic()
+    ui.stop_group(proc, timeout=1.0)
+    assert time.monotonic() - t0 < 10 and proc.returncode == -signal.SIGKILL
+    assert ui.live_members(proc.pid) == []  # the grandchild too (at most a zombie for init to reap)
 
 
 # ---------------------------------------------------------------------------------------------

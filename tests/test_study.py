@@ -77,7 +77,7 @@ def fake_run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True, on
         raise DivergenceError("matching loss is NaN at step 3", step=3)
     if v == "crash":
         raise RuntimeError("unexpected bug")
-    for step in range(0, cfg.attack.iterations, cfg.attack.log_every):
+    for step in range(0, cfg.attack.iterations, cfg.attack.log_interval):
         if on_step is not None:
             on_step(step, {"matching_loss": 1.0 / (step + 1), "tv": 0.1, "psnr": 5.0 + step})
     return fake_result(cfg, out_dir)
@@ -299,7 +299,7 @@ zip:
   images: [[astronaut], [bus]]
 """)
     names = [s.name for s in expand_settings(p)]
-    assert names == ["resnet18 seed=0 img=astronaut", "yolov8n seed=0 img=bus"]
+    assert names == ["resnet18", "yolov8n"]  # the image follows from the variant; one seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def test_dry_run_prints_settings_and_never_touches_mlflow(tmp_path, monkeypatch,
     assert _cli([str(spec), "--profile", "smoke", "--dry-run", "--json", "--set", "attack.iterations=3"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2] == "4 setting(s)"
-    assert out[0].startswith("[1] alpha seed=0 img=astronaut")
+    assert out[0].startswith("[1] alpha img=astronaut")
     data = json.loads(out[-1])
     assert data["n_settings"] == 4 and data["settings"][0]["config"]["attack"]["iterations"] == 3
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
@@ -348,12 +348,27 @@ def test_run_study_in_process(tmp_path, uri, capsys):
     kids = children(uri, "small")
     assert len(kids) == 4 and {k.info.status for k in kids} == {"FINISHED"}
     assert {k.data.tags["mlflow.parentRunId"] for k in kids} == {out.parent_run_id}
-    assert {k.info.run_name for k in kids} == {f"{v} seed=0 img={i}" for v in ("alpha", "beta")
+    # names: what differs between settings, nothing constant (one seed: no seed=0)
+    assert {k.info.run_name for k in kids} == {f"{v} img={i}" for v in ("alpha", "beta")
                                                for i in ("astronaut", "chelsea")}
     parent = client(uri).get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["n_finished"] == "4"
     arts = {a.path for a in client(uri).list_artifacts(out.parent_run_id)}
-    assert {"summary.csv", "figure.png", "spec.yaml", "settings.json"} <= arts
+    assert {"summary.csv", "summary_table.json", "spec.yaml", "settings.json", "images"} <= arts
+    figure = {a.path for a in client(uri).list_artifacts(out.parent_run_id, "images")}
+    assert figure == {"images/study_comparison_target_control_reconstruction.png"}
+    table = json.loads(Path(client(uri).download_artifacts(out.parent_run_id, "summary_table.json",
+                                                           str(tmp_path / "dl"))).read_text())
+    assert table["columns"][:4] == ["setting", "psnr", "control_psnr", "gain_psnr"]
+    assert sorted(row[0] for row in table["data"]) == sorted(k.info.run_name for k in kids)
+    # the saved runs-table view: these four children, their scores and the varying axes as columns
+    exp = client(uri).get_experiment(out.experiment_id)
+    view = json.loads(exp.tags["mlflow.sharedViewState.gistress"])
+    assert view["searchFilter"].startswith("attributes.run_id IN (")
+    assert {k.info.run_id for k in kids} == set(view["searchFilter"].split("'")[1::2])
+    assert view["selectedColumns"][:3] == ["metrics.`score/psnr`", "metrics.`control/psnr`", "metrics.`gain/psnr`"]
+    assert {"tags.`axis.variant`", "tags.`image`"} <= set(view["selectedColumns"])
+    assert view["columnOrder"][0] == "attributes.`Run Name`" and view["orderByKey"] == "metrics.`gain/psnr`"
     csv_lines = out.csv_path.read_text().splitlines()
     assert csv_lines[0].startswith("variant,seed,image,psnr,ssim,lpips,brr,leaked,control_psnr,gain_psnr,status")
     assert len(csv_lines) == 5 and ",missing," in csv_lines[1]
@@ -362,6 +377,8 @@ def test_run_study_in_process(tmp_path, uri, capsys):
     last = json.loads(printed[-1])
     assert last["counts"] == {"FINISHED": 4} and last["parent_run_id"] == out.parent_run_id
     assert any("figure:" in line for line in printed) and any("gistress ui" in line for line in printed)
+    link = f"/#/experiments/{out.experiment_id}/runs?viewStateShareKey=gistress&workflowType=machine_learning"
+    assert any(line.startswith("compare runs:") and line.endswith(link) for line in printed)
 
 
 def test_resume_reruns_only_missing_and_failed(tmp_path, uri):
@@ -378,6 +395,8 @@ def test_resume_reruns_only_missing_and_failed(tmp_path, uri):
     assert set(CALLS) == rerun and len(CALLS) == 2
     assert second.exit_code == 0 and second.counts == {"FINISHED": 4}
     assert sum(r["reused"] for r in second.rows) == 2
+    # reused rows read their scores back from MLflow's names into the suite's keys
+    assert all(r["metrics"]["psnr"] >= 10 and "gain_psnr" in r["metrics"] for r in second.rows if r["reused"])
     active = children(uri, "small")
     finished = [r for r in active if r.info.status == "FINISHED"]
     assert len(active) == 5 and len(finished) == 4  # 3 left (one FAILED) + 2 new; the deleted one is gone
@@ -389,6 +408,53 @@ def test_resume_reruns_only_missing_and_failed(tmp_path, uri):
     CALLS.clear()
     run_study(spec, fresh=True, **kw)
     assert len(CALLS) == 4
+
+
+def test_resume_reads_runs_logged_before_the_metric_renaming(tmp_path, uri):
+    """A store from before metrics were grouped (psnr, control_psnr) still resumes and summarizes."""
+    from mlflow.entities import Metric
+
+    from suite.tracking import create_setting_run
+
+    spec = write(tmp_path, SMALL)
+    (first, *_) = expand_settings(spec, "smoke")
+    rid = create_setting_run(first.config, experiment="small", tracking_uri=uri,
+                             extra_tags={"study": "small", "profile": "smoke"})
+    old = {"psnr": 12.5, "ssim": 0.4, "brr": 0.0, "control_psnr": 9.5, "gain_psnr": 3.0}
+    client(uri).log_batch(rid, metrics=[Metric(k, v, 0, 2) for k, v in old.items()])
+    client(uri).set_terminated(rid, "FINISHED")
+    CALLS.clear()
+    out = run_study(spec, profile="smoke", tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE)
+    assert first.config_hash not in CALLS and len(CALLS) == 3
+    row = next(r for r in out.rows if r["reused"])
+    assert row["metrics"]["psnr"] == 12.5 and row["metrics"]["gain_psnr"] == 3.0
+    assert ",12.50,0.400," in out.csv_path.read_text()
+
+
+def test_view_state_of_a_large_study_filters_by_its_tags():
+    """Past what an experiment tag holds, the view selects the study's runs by tags instead of ids."""
+    from suite.mlflow_ui import view_state
+
+    small = view_state(["a" * 32, "b" * 32], ["axis.attack.tv"], study="s", profile="smoke", has_control=False)
+    assert small["searchFilter"] == f"attributes.run_id IN ('{'a' * 32}','{'b' * 32}')"
+    assert small["selectedColumns"] == ["metrics.`score/psnr`", "metrics.`score/ssim`", "metrics.`score/lpips`",
+                                        "metrics.`score/brr`", "tags.`axis.attack.tv`"]  # no control: no gain
+    assert small["orderByKey"] == "metrics.`score/psnr`"
+    large = view_state([f"{i:032x}" for i in range(600)], [], study="s", profile=None, has_control=True)
+    assert large["searchFilter"] == ("tags.`study` = 's' AND tags.`profile` = 'none' "
+                                     "AND tags.`gistress.kind` = 'setting'")
+    assert len(json.dumps(large)) < 20000  # MLflow's limit for an experiment tag
+
+
+def test_run_names_show_only_what_varies(tmp_path):
+    seeds = write(tmp_path, "name: a\nbase: {variant: lenet}\ngrid: {attack.tv: [0.0, 0.2]}\nseeds: [0, 1]\n", "a.yaml")
+    assert [s.name for s in expand_settings(seeds)] == ["tv=0 seed=0", "tv=0 seed=1", "tv=0.2 seed=0", "tv=0.2 seed=1"]
+    alone = write(tmp_path, "name: b\nbase: {variant: lenet}\n", "b.yaml")
+    assert [s.name for s in expand_settings(alone)] == ["lenet"]  # nothing varies: the variant names it
+    cut = write(tmp_path, "name: c\nbase: {variant: resnet18}\ngrid: {variant_options.cut_skips: [none, [0]]}\n"
+                          "images: [astronaut, chelsea]\n", "c.yaml")
+    assert [s.name for s in expand_settings(cut)] == ["cut_skips=none img=astronaut", "cut_skips=none img=chelsea",
+                                                     "cut_skips=0 img=astronaut", "cut_skips=0 img=chelsea"]
 
 
 def test_failing_settings_are_failed_and_the_study_continues(tmp_path, uri):
@@ -550,14 +616,14 @@ def mlflow_server(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1 (tmp store), stopped afterwards."""
     import urllib.request
 
-    from suite.commands.ui import server_argv
+    from suite.commands.ui import server_argv, server_env, stop_group
 
     port = _free_port()
     store = tmp_path / "server"
     store.mkdir()
     log = (store / "server.log").open("w")
     proc = subprocess.Popen(server_argv(f"sqlite:///{store / 'mlflow.db'}", port=port), cwd=store,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -572,14 +638,9 @@ def mlflow_server(tmp_path):
         yield url
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the group we started (server + its workers)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+            stop_group(proc)  # the group we started (server + its workers), as `gistress ui` does
+        finally:
+            log.close()
 
 
 @pytest.mark.slow
@@ -598,10 +659,10 @@ def test_submitit_local_workers_log_to_one_server(tmp_path, mlflow_server, monke
     assert {r.data.tags["mlflow.parentRunId"] for r in by.values()} == {out.parent_run_id}
     assert {r["status"] for r in out.rows} == {"FINISHED", "FAILED"} and out.exit_code == 1
     run = c.get_run(by["alpha"].info.run_id)
-    assert run.data.metrics["psnr"] > 0 and run.data.params["variant"] == "alpha"
+    assert run.data.metrics["score/psnr"] > 0 and run.data.params["variant"] == "alpha"
     assert "images" in {a.path for a in c.list_artifacts(run.info.run_id)}
     # steps logged from the worker process
-    steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "matching_loss"))
+    steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss/matching"))
     assert steps == [0, 2]  # step 0 from on_step (iterations=2, log_every=2), final value at step 2
     # resume through the server: nothing finished re-runs
     again = run_study(spec, profile="smoke", executor="local", workers=2, tracking_uri=mlflow_server,
@@ -672,10 +733,16 @@ images: [astronaut]
     assert out.counts == {"FINISHED": 1}, out.rows
     (kid,) = children(uri, "tiny_real")
     c = client(uri)
-    assert kid.info.status == "FINISHED" and "psnr" in kid.data.metrics
-    assert len(c.get_metric_history(kid.info.run_id, "matching_loss")) >= 2
+    assert kid.info.status == "FINISHED" and "score/psnr" in kid.data.metrics
+    assert len(c.get_metric_history(kid.info.run_id, "loss/matching")) >= 2
     images = {Path(a.path).name for a in c.list_artifacts(kid.info.run_id, "images")}
-    assert {"target.png", "reconstruction.png"} <= images
+    # 32 px images also come 8x larger (nearest neighbour), and the grid says what it holds
+    assert {"target.png", "reconstruction.png", "reconstruction_x8.png", "target_x8.png",
+            "comparison_target_init_reconstruction.png"} <= images
+    from PIL import Image
+
+    with Image.open(c.download_artifacts(kid.info.run_id, "images/reconstruction_x8.png", str(tmp_path))) as im:
+        assert im.size == (256, 256)
     assert out.figure_path.is_file()
 
 

@@ -80,19 +80,73 @@ def test_successful_run_is_finished_with_params_tags_metrics_artifacts(store, tm
     assert run.info.status == "FINISHED" and run.info.run_name == "lenet ok"
     p, t, m = run.data.params, run.data.tags, run.data.metrics
     assert p["variant"] == "lenet" and p["iterations"] == "5" and p["bn_stats"] == "exact"
-    assert p["preset"] == "gia_bn" and p["tv"] == "0.052"
+    # the loss weights are params named weight/...; the loss values are metrics named loss/...
+    assert p["preset"] == "gia_bn" and p["weight/tv"] == "0.052" and p["weight/bn_prior"] == "0.00016"
+    assert "tv" not in p and "bn_prior" not in p
     assert t["config_hash"] == c0.config_hash()
     assert t["assumption_level"] == "4" and t["upper_bound"] == "true" and t["oracle_init"] == "false"
     assert t["gistress_version"] == suite.__version__ and t["device"] == "cpu" and t["study"] == "unit"
     assert t["task"] == "classification"  # from the result's tags
-    assert "psnr" in m and "gain_psnr" in m and "lpips" not in m
-    hist = sorted(client(store).get_metric_history(tr.run_id, "matching_loss"), key=lambda h: h.step)
+    # grouped names: scores, control, gain, losses; nothing under the old flat names
+    assert {"score/psnr", "score/ssim", "score/brr", "control/psnr", "gain/psnr", "loss/matching"} <= set(m)
+    assert not {"psnr", "gain_psnr", "matching_loss", "step", "score/lpips"} & set(m)
+    hist = sorted(client(store).get_metric_history(tr.run_id, "loss/matching"), key=lambda h: h.step)
     assert [h.step for h in hist] == [0, 2, 4, 5]  # the final value sits at the last iteration
-    assert m["matching_loss"] == 0.25 and m["psnr"] == fake_result(c0, tmp_path / "o2").metrics["psnr"]
+    # final values to 4 significant digits (the table shows 14.0, not 14.000000001)
+    psnr = fake_result(c0, tmp_path / "o2").metrics["psnr"]
+    assert m["loss/matching"] == 0.25 and m["score/psnr"] == float(f"{psnr:.4g}")
+    assert m["control/ssim"] == 0.3 and m["gain/psnr"] == float(f"{psnr - 9.0:.4g}")
+    assert t["mlflow.note.content"].startswith("**lenet**") and "PSNR" in t["mlflow.note.content"]
     arts = {a.path for a in client(store).list_artifacts(tr.run_id)}
     assert {"images", "config.yaml", "config.json", "scores.json"} <= arts
     images = {Path(a.path).name for a in client(store).list_artifacts(tr.run_id, "images")}
     assert images == {"target.png", "reconstruction.png", "control.png"}
+    # final-only metrics sit at step 0 (drawn as bars), curves end at the last step
+    assert [h.step for h in client(store).get_metric_history(tr.run_id, "control/psnr")] == [0]
+    assert max(h.step for h in client(store).get_metric_history(tr.run_id, "score/psnr")) == 5
+
+
+def test_config_hash_keeps_stores_resumable_across_the_log_every_default():
+    """A spec that sets attack.log_every hashes as before log_every could be unset (its finished
+    runs are still found); leaving it unset gives one hash whatever the derived interval."""
+    from suite.study import expand_settings
+
+    repo = Path(__file__).resolve().parents[1]
+    assert expand_settings(repo / "runs/fig2_resnet_bn.yaml", "paper")[0].config_hash == "8416eb56de848ed4"
+    a, b = cfg(attack=AttackSpec(preset="dlg", iterations=100)), cfg(attack=AttackSpec(preset="dlg", iterations=100))
+    assert a.attack.log_every is None and a.attack.log_interval == 2 and a.config_hash() == b.config_hash()
+    assert cfg(attack=AttackSpec(preset="dlg", iterations=100, log_every=2)).config_hash() != a.config_hash()
+
+
+def test_metric_names_map_both_ways():
+    from suite.tracking import internal_metrics, metric_name, mlflow_metrics
+
+    internal = {"psnr": 20.123456, "control_psnr": 9.0, "gain_psnr": 11.123456, "matching_loss": 0.5, "tv": 0.1,
+                "bn_prior": 0.2, "oracle_best_restart_psnr": 21.0, "step": 3, "img0/psnr": 1.0}
+    named = mlflow_metrics(internal, digits=4)
+    assert named == {"score/psnr": 20.12, "control/psnr": 9.0, "gain/psnr": 11.12, "loss/matching": 0.5,
+                     "loss/tv": 0.1, "loss/bn_prior": 0.2, "oracle/best_restart_psnr": 21.0, "img0/psnr": 1.0}
+    assert metric_name("step") is None and metric_name("control_matching_loss") == "control/matching_loss"
+    back = internal_metrics(named)
+    assert set(back) == set(internal) - {"step"}
+    # runs logged before the renaming read back unchanged (resume keeps working across the change)
+    assert internal_metrics({"psnr": 7.0, "control_psnr": 6.0}) == {"psnr": 7.0, "control_psnr": 6.0}
+
+
+def test_step_metrics_are_buffered_and_flushed_on_exit(store):
+    """Logging 60 steps costs a few store writes, and an interrupted run keeps its curve."""
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        with setting_run(cfg(), experiment="t_buffer", tracking_uri=store) as tr:
+            real = tr.client.log_batch
+            tr.client.log_batch = lambda *a, **kw: calls.append(kw.get("metrics")) or real(*a, **kw)
+            for step in range(60):
+                tr.log_step(step, {"matching_loss": 1.0 / (step + 1), "psnr": 5.0})
+            raise KeyboardInterrupt
+    hist = client(store).get_metric_history(tr.run_id, "loss/matching")
+    assert sorted(h.step for h in hist) == list(range(60))
+    assert len([c for c in calls if c]) <= 2  # one write at exit (two if the clock passed the flush interval)
+    assert client(store).get_run(tr.run_id).info.status == "KILLED"
 
 
 def test_git_commit_tag_when_in_a_repo(store):

@@ -52,7 +52,8 @@ def add_parser(sub):
     a.add_argument("--init-file")
     a.add_argument("--labels", choices=["auto", "joint"])
     a.add_argument("--control", action="store_true", help="also run the prior-only control")
-    a.add_argument("--log-every", type=int, default=25)
+    a.add_argument("--log-every", type=int, default=None,
+                   help="log step metrics every N steps (default: about 50 points per run)")
     o = p.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -185,10 +186,16 @@ def run(args) -> int:
                                  prepared=prepared)
             tr.log_result(result)
             run_id = tr.run_id
+            exp_id = tr.client.get_run(run_id).info.experiment_id
     print(summary_table(result))
     print(f"images: {out.resolve()}")
     if run_id:
-        print(f"mlflow run: {run_id} (open with `gistress ui`)")
+        from suite.mlflow_ui import run_link
+        from suite.tracking import is_http
+
+        base = uri if is_http(uri) else "http://127.0.0.1:5000"
+        how = "" if is_http(uri) else " once `gistress ui` serves the store"
+        print(f"mlflow run: {run_id}; its page{how}: {run_link(base, exp_id, run_id)}")
     if args.json:
         print(json.dumps({"metrics": result.metrics, "tags": result.tags, "out_dir": str(out.resolve()),
                           "run_id": run_id, "config_hash": cfg.config_hash()}))
