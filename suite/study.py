@@ -947,13 +947,12 @@ def leak_sentence(rows: Sequence[dict]) -> str:
     if not done:
         return ""
 
-    def label(rec: dict) -> str:
-        skip = {"seed", "image", "psnr", "ssim", "lpips", "brr", "leaked", "control_psnr", "gain_psnr", "status",
-                "run_id", "error"}
-        return " ".join(v for k, v in rec.items() if k not in skip and v) + f" ({rec['psnr']} dB)"
+    def label(row: dict, rec: dict) -> str:
+        # the setting's run name (what varies), else the variant
+        return f"{row.get('name') or rec.get('variant') or row.get('variant', '?')} ({rec['psnr']} dB)"
 
-    leaked = [label(rec) for _, rec in done if rec["leaked"] == "yes"]
-    held = [label(rec) for _, rec in done if rec["leaked"] == "no"]
+    leaked = [label(row, rec) for row, rec in done if rec["leaked"] == "yes"]
+    held = [label(row, rec) for row, rec in done if rec["leaked"] == "no"]
     parts = [f"leaked: {'; '.join(leaked)}" if leaked else "no setting leaked"]
     if held:
         parts.append(f"did not leak: {'; '.join(held)}")
