@@ -500,7 +500,7 @@ class Attacker:
             if step % spec.log_interval == 0 or step == iters - 1:
                 log(step, last_parts)
         if spec.keep == "best" and bool(alive.any()):
-            total, parts = objective()  # the final iterate is a candidate too
+            _, parts = objective()  # the final iterate is a candidate too
             remember(parts["total"].detach().reshape(-1), [rows(v.detach()) for v in variables])
         if spec.keep == "last":
             for v, b in zip(variables, best):
