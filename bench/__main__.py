@@ -3,7 +3,7 @@ seconds per attack iteration, their ratio, peak memory, and the cost of 4 restar
 (sequential, and batched where the setting allows it). Each variant runs in its own subprocess so
 peak memory is its own. Writes JSON and a markdown table (docs/benchmarks.md by default).
 
-``--malloc-ab`` adds the ratio with glibc's default allocator settings (see suite/allocator.py);
+``--malloc-ab`` adds the ratio with glibc's default allocator settings (see suite/attack/allocator.py);
 ``--profile VARIANT`` prints where one attack iteration's time goes, by operator."""
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ def measure_one(entry: str, device: str, reps: int, iters: int) -> dict:
 
     import torch
 
-    from suite.allocator import tune_allocator
-    from suite.attacker import Attacker, math_attention
-    from suite.client import Client, task_loss_for, trainable
+    from suite.attack.allocator import tune_allocator
+    from suite.attack.attacker import Attacker, math_attention
     from suite.config import AttackSpec
-    from suite.tasks import set_mode
-    from suite.threat import ThreatModel
+    from suite.model.tasks import set_mode
+    from suite.threat.client import Client, task_loss_for, trainable
+    from suite.threat.threat_model import ThreatModel
 
     tuned = tune_allocator()  # what the attacker does; GISTRESS_MALLOC_TUNING=0 for the A/B column
     dev = torch.device(device)
@@ -197,11 +197,11 @@ def profile_one(entry: str, device: str, top: int = 25) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from suite.allocator import tune_allocator
-    from suite.attacker import Attacker
-    from suite.client import Client
+    from suite.attack.allocator import tune_allocator
+    from suite.attack.attacker import Attacker
     from suite.config import AttackSpec
-    from suite.threat import ThreatModel
+    from suite.threat.client import Client
+    from suite.threat.threat_model import ThreatModel
 
     tune_allocator()
     v, _, batch = _variant_and_batch(entry, torch.device(device))

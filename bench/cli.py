@@ -35,11 +35,11 @@ ENGINE = """
 import time, torch
 import variants
 from suite import data
-from suite.attacker import Attacker
-from suite.client import Client
+from suite.attack.attacker import Attacker
+from suite.threat.client import Client
 from suite.config import AttackSpec
-from suite.threads import apply_threads
-from suite.threat import ThreatModel
+from suite.execution.threads import apply_threads
+from suite.threat.threat_model import ThreatModel
 apply_threads()
 v = variants.build("lenet", seed=0)
 b = data.load("samples", task="classification", size=32, images=["astronaut"], num_classes=v.num_classes)

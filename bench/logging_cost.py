@@ -36,8 +36,8 @@ def _config(case: str, mode: str, iterations: int):
 
 def time_one(case: str, mode: str, iterations: int, store: str, out: Path) -> tuple[float, int]:
     """Seconds for one attack with ``mode``'s step logging, and the number of points logged."""
-    from suite.runner import prepare_setting, run_setting
-    from suite.tracking import SettingRun, setting_run
+    from suite.execution.runner import prepare_setting, run_setting
+    from suite.execution.tracking import SettingRun, setting_run
 
     cfg = _config(case, mode, iterations)
     prepared = prepare_setting(cfg)
@@ -60,7 +60,7 @@ def time_one(case: str, mode: str, iterations: int, store: str, out: Path) -> tu
 def main(argv: list[str] | None = None) -> int:
     """Print the median seconds per mode and case, and each mode's overhead over ``none``."""
     import suite  # noqa: F401  (offline defaults)
-    from suite.threads import apply_threads
+    from suite.execution.threads import apply_threads
 
     p = argparse.ArgumentParser(prog="python -m bench.logging_cost", description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)

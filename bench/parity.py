@@ -65,8 +65,8 @@ def _setup(case: Case, seed: int):
 
     import variants
     from suite import data
-    from suite.client import Client
-    from suite.threat import ThreatModel
+    from suite.threat.client import Client
+    from suite.threat.threat_model import ThreatModel
 
     weights = "calibrated" if case.bn_mode == "eval" else "random"
     v = variants.build(case.variant, weights=weights, seed=seed, **case.options)
@@ -83,7 +83,7 @@ def _setup(case: Case, seed: int):
 
 
 def _gistress(case: Case, v, obs, iterations: int, seed: int):
-    from suite.attacker import Attacker
+    from suite.attack.attacker import Attacker
     from suite.config import AttackSpec
 
     spec = AttackSpec(preset=case.preset, iterations=iterations, log_every=max(iterations, 1))
@@ -141,7 +141,7 @@ def run_case(case: Case, iterations: int, seed: int) -> dict:
 
     import torch
 
-    from suite.metrics import score
+    from suite.scoring.metrics import score
 
     torch.set_num_threads(1)
     v, batch, obs, z0 = _setup(case, seed)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from suite.errors import GistressError, close_matches
-from suite.threat import ThreatModel
+from suite.threat.threat_model import ThreatModel
 
 # Published defaults, each as its authors' code runs it (README "Attack presets" lists every
 # value and its source):

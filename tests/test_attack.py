@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 import variants
 from suite import data
-from suite.attacker import Attacker
-from suite.client import Client
+from suite.attack.attacker import Attacker
 from suite.config import AttackSpec, RunConfig
 from suite.errors import GistressError
-from suite.metrics import score
-from suite.threat import ThreatModel
+from suite.scoring.metrics import score
+from suite.threat.client import Client
+from suite.threat.threat_model import ThreatModel
 
 
 def _psnr(a, b):
@@ -75,7 +75,7 @@ def _run(cfg):
     import tempfile
     from pathlib import Path
 
-    from suite.runner import run_setting
+    from suite.execution.runner import run_setting
 
     with tempfile.TemporaryDirectory() as d:
         return run_setting(cfg, out_dir=Path(d), progress=False)
@@ -146,7 +146,7 @@ def test_joint_soft_labels_run_when_labels_not_shared(astronaut32):
 
 
 def test_jointly_recovered_labels_are_scored_and_tagged(tmp_path):
-    from suite.runner import run_setting
+    from suite.execution.runner import run_setting
 
     cfg = RunConfig(variant="lenet", size=32, device="cpu", threat={"shares_labels": False},
                     attack={"preset": "dlg", "iterations": 40, "log_every": 40})
@@ -165,7 +165,7 @@ def test_modern_224_attack_step_gives_finite_nonzero_input_gradient(name):
     obs = Client(v.model, v.task, ThreatModel(bn_mode="train"), num_classes=v.num_classes).share(batch)
     att = Attacker(v, obs, AttackSpec(preset="ig", iterations=1), seed=0)
     start = torch.rand(1, 3, 224, 224, requires_grad=True)
-    from suite.attacker import math_attention
+    from suite.attack.attacker import math_attention
 
     with math_attention():
         total, _ = att._objective(start, att.labels, control=False)
@@ -211,7 +211,7 @@ def test_labels_out_of_range_error(astronaut32):
 
 
 def test_eval_mode_on_random_weights_is_refused():
-    from suite.runner import build_and_load
+    from suite.execution.runner import build_and_load
 
     cfg = RunConfig(variant="resnet18", variant_options=dict(stem="cifar"), size=32,
                     threat=ThreatModel(bn_mode="eval"))

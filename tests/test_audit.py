@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from suite import audit
-from suite.cli import main
+from suite.audit import audit
+from suite.cli.main import main
 from suite.config import RunConfig
 from suite.data.batch import Batch
 from suite.results import Reconstruction, RunResult, Scores

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from suite.cli import main
+from suite.cli.main import main
 
 
 def _last_json(out: str) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from suite.config import AttackSpec, RunConfig
-from suite.runner import run_setting
-from suite.threat import ThreatModel
+from suite.execution.runner import run_setting
+from suite.threat.threat_model import ThreatModel
 
 
 @pytest.mark.parametrize("variant", ["yolov8n", "yolov8n-basicblock", "yolov8n-preact", "yolov8n-resnet"])
@@ -39,7 +39,7 @@ def test_scores_ignore_letterbox_padding():
         result = run_setting(cfg, out_dir=Path(d), progress=False)
     x0, y0, x1, y1 = result.target.content[0].tolist()
     assert (x0, x1) == (0, 96) and y0 > 0 and y1 < 96  # a wide image: padding above and below
-    from suite.metrics import score
+    from suite.scoring.metrics import score
 
     recon = result.reconstruction.images.clone()
     recon[:, :, :y0] = 1.0 - recon[:, :, :y0]  # change only the padding

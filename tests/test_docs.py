@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from suite.cli import build_parser
+from suite.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -10,11 +10,17 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from suite.bnstats import batch_stats, bn_momentum, count_per_channel, recover_batch_stats, running_stats
-from suite.defenses import SOK_GRIDS, SOK_TOPK_PRUNED, apply_defense, parse_defense
+from suite.attack.labels import estimate_mean_probs, infer_labels, label_accuracy
 from suite.errors import GistressError
-from suite.labels import estimate_mean_probs, infer_labels, label_accuracy
-from suite.threat import ThreatModel
+from suite.model.bnstats import (
+    batch_stats,
+    bn_momentum,
+    count_per_channel,
+    recover_batch_stats,
+    running_stats,
+)
+from suite.threat.defenses import SOK_GRIDS, SOK_TOPK_PRUNED, apply_defense, parse_defense
+from suite.threat.threat_model import ThreatModel
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -19,14 +19,14 @@ from torch import nn
 
 import variants
 from suite import data
-from suite.attacker import Attacker
-from suite.bnstats import batch_stats, count_per_channel, recover_batch_stats, running_stats
-from suite.client import Client
+from suite.attack.attacker import Attacker
 from suite.config import AttackSpec, RunConfig
-from suite.defenses import SOK_GRIDS
-from suite.runner import run_setting
-from suite.study import expand_settings
-from suite.threat import ThreatModel
+from suite.execution.runner import run_setting
+from suite.model.bnstats import batch_stats, count_per_channel, recover_batch_stats, running_stats
+from suite.studies.study import expand_settings
+from suite.threat.client import Client
+from suite.threat.defenses import SOK_GRIDS
+from suite.threat.threat_model import ThreatModel
 
 RUNS = Path(__file__).resolve().parents[1] / "runs"
 FOUR = ["astronaut", "chelsea", "coffee", "rocket"]
@@ -204,7 +204,7 @@ def lenet_case():
 
 
 def _check_defended(spec: str, clean: list[torch.Tensor], shared: list[torch.Tensor]) -> None:
-    """``shared`` is ``clean`` post-processed as ``spec`` says (suite.defenses' semantics)."""
+    """``shared`` is ``clean`` post-processed as ``spec`` says (suite.threat.defenses' semantics)."""
     kind, _, param = spec.partition(":")
     c, s = _flat(clean), _flat(shared)
     if kind == "none":

@@ -16,7 +16,7 @@ from suite.errors import GistressError
 def test_calibrating_bn_on_the_attacked_images_themselves_is_refused(tmp_path):
     """A source with only the target image would calibrate eval-mode BN on the target's own
     statistics (exact-statistics access reported as realistic): refused, naming the fix."""
-    from suite.runner import prepare_setting
+    from suite.execution.runner import prepare_setting
 
     root = tmp_path / "one"
     (root / "cls").mkdir(parents=True)
@@ -32,7 +32,7 @@ def test_calibrating_bn_on_the_attacked_images_themselves_is_refused(tmp_path):
 
 def test_calibration_uses_other_images_of_the_source_and_says_which():
     from suite import data
-    from suite.runner import calibration_images
+    from suite.execution.runner import calibration_images
 
     cfg = RunConfig(variant="resnet18", images=["astronaut"], size=32)
     targets = data.load("samples", task="classification", size=32, images=["astronaut"], num_classes=10)
@@ -50,7 +50,7 @@ def test_detection_boxes_are_a_batch_grant_at_sok_level_4():
 
 
 def test_init_file_is_hashed_and_marked_user_supplied(tmp_path):
-    from suite.runner import run_setting
+    from suite.execution.runner import run_setting
 
     start = tmp_path / "start.png"
     Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype("uint8")).save(start)
@@ -66,8 +66,8 @@ def test_init_file_is_hashed_and_marked_user_supplied(tmp_path):
 def test_the_control_starts_where_the_attack_starts_with_the_same_restarts(tmp_path, monkeypatch):
     import torch
 
-    from suite.attacker import Attacker
-    from suite.runner import run_setting
+    from suite.attack.attacker import Attacker
+    from suite.execution.runner import run_setting
 
     starts = {}
     real = Attacker.reconstruct

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 import suite  # noqa: F401  (offline defaults before mlflow)
-from suite.cli import build_parser, main
+from suite.cli.main import build_parser, main
 from suite.errors import DivergenceError, GistressError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,7 +315,7 @@ def test_missing_pretrained_weights_offline_fail_fast_naming_the_file(workdir, c
 
 
 def test_unknown_gpu_index_is_a_clear_error():
-    from suite.runner import resolve_device
+    from suite.execution.runner import resolve_device
 
     with pytest.raises(GistressError, match="unknown device 'cuda:x'"):
         resolve_device("cuda:x")
@@ -341,9 +341,9 @@ def test_unknown_gpu_index_is_a_clear_error():
 
 def test_nan_in_matching_loss_is_caught_at_the_step_it_happens(workdir, monkeypatch):
     """The check runs every step, not only at logging steps: the reported step is exact."""
+    from suite.attack.objectives import UpdateMatcher
     from suite.config import RunConfig
-    from suite.objectives import UpdateMatcher
-    from suite.runner import run_setting
+    from suite.execution.runner import run_setting
 
     real = UpdateMatcher.__call__
     calls = {"n": 0}
@@ -379,7 +379,7 @@ def test_diverging_attack_is_failed_with_reason_and_step(workdir, store, capsys)
 
 
 def test_study_marks_diverged_setting_failed_and_continues(workdir, store):
-    from suite.study import run_study
+    from suite.studies.study import run_study
 
     spec = workdir / "diverge.yaml"
     spec.write_text(
@@ -453,7 +453,7 @@ def test_sigint_kills_the_running_child_keeps_results_and_rerun_resumes(tmp_path
     assert (tmp_path / "out" / name / "summary.csv").is_file()
     assert (tmp_path / "out" / name / by["alpha"].data.tags["config_hash"] / "reconstruction.png").is_file()
 
-    from suite.study import run_study
+    from suite.studies.study import run_study
 
     test_study.CALLS.clear()
     again = run_study(spec, tracking_uri=store, out_root=tmp_path / "out", runner=FAKE)
@@ -468,7 +468,7 @@ def test_sigint_kills_the_running_child_keeps_results_and_rerun_resumes(tmp_path
 
 def test_sigterm_ends_an_attack_killed(workdir, store, capsys, monkeypatch):
     """`gistress attack` (not only studies) turns SIGTERM (scancel, a time limit) into KILLED."""
-    from suite.tracking import SettingRun
+    from suite.execution.tracking import SettingRun
 
     real = SettingRun.log_step
 
@@ -505,7 +505,7 @@ def test_sigterm_ends_an_attack_killed(workdir, store, capsys, monkeypatch):
 
 def test_same_spec_seed_and_device_give_the_same_reconstruction(workdir, capsys):
     from suite.config import RunConfig
-    from suite.runner import run_setting
+    from suite.execution.runner import run_setting
 
     def attack(out: str, seed: int) -> torch.Tensor:
         rc = cli(["attack", "--variant", "lenet", "--size", "32", "--preset", "ig", "--iterations", "3",
@@ -611,7 +611,7 @@ def test_tests_cannot_reach_the_network_but_loopback_works():
 
 
 def test_ui_binds_loopback_unless_asked(workdir, capsys, monkeypatch):
-    from suite.commands import ui
+    from suite.cli.commands import ui
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
@@ -652,7 +652,7 @@ def test_ui_binds_loopback_unless_asked(workdir, capsys, monkeypatch):
 
 def test_ui_stop_group_kills_a_tree_that_ignores_sigterm():
     """A server whose workers ignore SIGTERM still ends, grandchildren included (SIGKILL after the wait)."""
-    from suite.commands import ui
+    from suite.cli.commands import ui
 
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
     parent = (f"import subprocess, sys, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

@@ -1,4 +1,4 @@
-"""Tests for suite.metrics: PSNR/SSIM/LPIPS scoring, matching, content regions, leak rates."""
+"""Tests for suite.scoring.metrics: PSNR/SSIM/LPIPS scoring, matching, content regions, leak rates."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import socket
 import pytest
 import torch
 
-from suite import metrics
 from suite.errors import GistressError
 from suite.results import Scores
+from suite.scoring import metrics
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1
 

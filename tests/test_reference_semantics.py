@@ -10,12 +10,12 @@ import torch
 
 import variants
 from suite import data
-from suite.attacker import Attacker
-from suite.client import Client
+from suite.attack.attacker import Attacker
+from suite.attack.objectives import total_variation
 from suite.config import AttackSpec
 from suite.errors import DivergenceError
-from suite.objectives import total_variation
-from suite.threat import ThreatModel
+from suite.threat.client import Client
+from suite.threat.threat_model import ThreatModel
 
 
 @pytest.fixture(scope="module")

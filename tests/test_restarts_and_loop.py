@@ -16,13 +16,13 @@ from torch import nn
 
 import variants
 from suite import data
-from suite.attacker import Attacker, _vmappable_batch_norm
-from suite.client import Client
+from suite.attack.attacker import Attacker, _vmappable_batch_norm
+from suite.attack.objectives import UpdateMatcher
 from suite.config import AttackSpec, parse_attack
 from suite.data.batch import Batch
 from suite.errors import GistressError
-from suite.objectives import UpdateMatcher
-from suite.threat import ThreatModel
+from suite.threat.client import Client
+from suite.threat.threat_model import ThreatModel
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def _allocator_probe(env_extra: dict[str, str]) -> str:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GISTRESS_MALLOC"))}
     env.update(env_extra)
-    code = "from suite.allocator import tune_allocator; print(tune_allocator(), tune_allocator())"
+    code = "from suite.attack.allocator import tune_allocator; print(tune_allocator(), tune_allocator())"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip()
 
@@ -231,7 +231,7 @@ def test_cosine_matcher_hand_written_backward_passes_gradcheck():
 
 
 def test_grouped_conv_derivative_passes_gradgradcheck_with_stride_padding_dilation():
-    from suite.convgrad import GroupedConv2d
+    from suite.attack.convgrad import GroupedConv2d
 
     torch.manual_seed(0)
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
@@ -249,7 +249,7 @@ def test_grouped_conv_derivative_passes_gradgradcheck_with_stride_padding_dilati
 def test_attacker_switches_only_grouped_convs_and_keeps_the_image_gradient():
     from timm.layers.conv2d_same import Conv2dSame
 
-    from suite.convgrad import use_grouped_conv_derivative
+    from suite.attack.convgrad import use_grouped_conv_derivative
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 5, padding=2, groups=8),

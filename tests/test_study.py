@@ -1,4 +1,4 @@
-"""Study specs, expansion, dry-run, resume, interrupts and scale-out (suite.study / executors)."""
+"""Study specs, expansion, dry-run, resume, interrupts and scale-out (suite.studies.study / executors)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from suite.config import RunConfig
 from suite.data.batch import Batch
 from suite.errors import DivergenceError, GistressError
 from suite.results import Reconstruction, RunResult, Scores
-from suite.study import expand, expand_settings, parse_sets, parse_spec, run_study
+from suite.studies.study import expand, expand_settings, parse_sets, parse_spec, run_study
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -101,7 +101,7 @@ def client(uri: str):
 
 
 def children(uri: str, study: str) -> list:
-    from suite.tracking import setting_runs
+    from suite.execution.tracking import setting_runs
 
     return setting_runs(study, uri)
 
@@ -308,7 +308,7 @@ zip:
 
 
 def _cli(argv: list[str]) -> int:
-    from suite.commands import study as cmd
+    from suite.cli.commands import study as cmd
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -414,7 +414,7 @@ def test_resume_reads_runs_logged_before_the_metric_renaming(tmp_path, uri):
     """A store from before metrics were grouped (psnr, control_psnr) still resumes and summarizes."""
     from mlflow.entities import Metric
 
-    from suite.tracking import create_setting_run
+    from suite.execution.tracking import create_setting_run
 
     spec = write(tmp_path, SMALL)
     (first, *_) = expand_settings(spec, "smoke")
@@ -433,7 +433,7 @@ def test_resume_reads_runs_logged_before_the_metric_renaming(tmp_path, uri):
 
 def test_view_state_of_a_large_study_filters_by_its_tags():
     """Past what an experiment tag holds, the view selects the study's runs by tags instead of ids."""
-    from suite.mlflow_ui import view_state
+    from suite.execution.mlflow_ui import view_state
 
     small = view_state(["a" * 32, "b" * 32], ["axis.attack.tv"], study="s", profile="smoke", has_control=False)
     assert small["searchFilter"] == f"attributes.run_id IN ('{'a' * 32}','{'b' * 32}')"
@@ -539,14 +539,14 @@ def test_sigterm_kills_child_and_parent(tmp_path):
 
 
 def test_slurm_needs_http_tracking_and_sbatch(tmp_path, uri):
-    from suite.executors import check_tracking, plan
-    from suite.study import ExecutorBlock
+    from suite.execution.executors import check_tracking, plan
+    from suite.studies.study import ExecutorBlock
 
     if not any((Path(d) / "sbatch").exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
         with pytest.raises(GistressError, match="no sbatch"):
             plan("slurm")
     block = ExecutorBlock(slurm_partition="gpu", gpus_per_node=1, timeout_min=90, slurm_array_parallelism=4)
-    from suite.executors import Plan, slurm_parameters
+    from suite.execution.executors import Plan, slurm_parameters
 
     params = slurm_parameters({**block.model_dump(exclude_none=True), "timeout_min": 30})
     assert params["slurm_partition"] == "gpu" and params["timeout_min"] == 30 and params["nodes"] == 1
@@ -564,7 +564,7 @@ def test_slurm_needs_http_tracking_and_sbatch(tmp_path, uri):
 
 
 def test_ui_command(tmp_path, capsys):
-    from suite.commands import ui
+    from suite.cli.commands import ui
 
     argv = ui.server_argv(f"sqlite:///{tmp_path / 'mlflow.db'}", port=5123)
     assert argv[1:4] == ["-m", "mlflow", "server"]
@@ -578,7 +578,7 @@ def test_ui_command(tmp_path, capsys):
 
 
 def test_figure_with_failed_and_pending_rows(tmp_path):
-    from suite.figures import study_figure, summary_records
+    from suite.reports.figures import study_figure, summary_records
 
     png = tmp_path / "t.png"
     from PIL import Image
@@ -616,7 +616,7 @@ def mlflow_server(tmp_path):
     """A real ``mlflow server`` on 127.0.0.1 (tmp store), stopped afterwards."""
     import urllib.request
 
-    from suite.commands.ui import server_argv, server_env, stop_group
+    from suite.cli.commands.ui import server_argv, server_env, stop_group
 
     port = _free_port()
     store = tmp_path / "server"
@@ -687,7 +687,7 @@ def test_shipped_specs_exist():
 
 
 def test_leak_sentence_names_which_settings_leaked():
-    from suite.study import leak_sentence
+    from suite.studies.study import leak_sentence
 
     rows = [
         {"variant": "lenet", "name": "lenet bn=train", "axes": {"variant": "lenet"}, "seed": 0, "image": "astronaut",
@@ -719,7 +719,7 @@ def test_shipped_spec_is_valid_with_smoke_and_paper(spec):
     assert max(s.config.attack.iterations for s in paper) >= 300
 
 
-@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/runner.py not written yet")
+@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/execution/runner.py not written yet")
 def test_real_runner_tiny_setting_end_to_end(tmp_path, uri):
     spec = write(tmp_path, """
 name: tiny_real
@@ -747,7 +747,7 @@ images: [astronaut]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/runner.py not written yet")
+@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/execution/runner.py not written yet")
 @pytest.mark.parametrize("spec", SPECS, ids=[p.stem for p in SPECS])
 def test_shipped_spec_smoke_profile_runs(spec, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -83,7 +83,7 @@ def store(tmp_path_factory) -> str:
     given = os.environ.get("GISTRESS_UI_STORE")
     if given:
         return given
-    from suite.study import run_study
+    from suite.studies.study import run_study
 
     root = tmp_path_factory.mktemp("ui")
     (root / "tiny.yaml").write_text(TINY)
@@ -101,7 +101,7 @@ def expected(store, tmp_path_factory) -> dict:
     finished run of each setting its latest invocation listed, by name, and every name it listed."""
     from mlflow import MlflowClient
 
-    from suite.tracking import finished_runs
+    from suite.execution.tracking import finished_runs
 
     client = MlflowClient(tracking_uri=store)
     (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
@@ -234,7 +234,7 @@ def test_sigterm_ends_the_server_tree_and_frees_the_port(ui):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     print(f"gistress ui stopped {time.perf_counter() - t0:.1f} s after SIGTERM")
-    from suite.commands.ui import live_members
+    from suite.cli.commands.ui import live_members
 
     for pgid in groups:  # no uvicorn worker or server process is left running
         assert live_members(pgid) == []

@@ -119,7 +119,7 @@ def test_catalogue_that_gistress_variants_reads_matches_the_registry(tmp_path):
     fresh build of every registered variant says (regenerate: python -m variants.listing)."""
     import json
 
-    from suite.commands.variants import catalogue
+    from suite.cli.commands.variants import catalogue
     from variants.listing import write_catalogue
 
     fresh = json.loads(write_catalogue(tmp_path / "catalogue.json").read_text())

@@ -11,7 +11,8 @@ from torch import nn
 
 import suite  # noqa: F401  (offline defaults before ultralytics)
 from suite.data.batch import Batch
-from suite.detection import (
+from suite.errors import GistressError
+from suite.model.detection import (
     detection_loss,
     eval_mode_requires_calibration,
     frozen_bn_stats,
@@ -20,7 +21,6 @@ from suite.detection import (
     targets_for,
     validate_targets,
 )
-from suite.errors import GistressError
 from variants.base import IDENTITY_NORM, lookup
 from variants.yolo import (
     YAML_DIR,
@@ -151,7 +151,7 @@ def test_resnet_backbone_yolo_is_the_authors_layout():
     with torch.no_grad():
         y, raw = model(torch.rand(1, 3, 64, 64))
     assert y.shape == (1, 4 + 3, sum((64 // s) ** 2 for s in (8, 16, 32))) and torch.isfinite(y).all()
-    listed = {r["name"]: r for r in __import__("suite.commands.variants", fromlist=["x"]).catalogue()}
+    listed = {r["name"]: r for r in __import__("suite.cli.commands.variants", fromlist=["x"]).catalogue()}
     assert listed["yolov8n-resnet"]["params"] == _cached("yolov8n-resnet", 80).num_params
 
 

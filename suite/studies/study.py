@@ -47,7 +47,7 @@ from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
 from suite.results import jsonable
 
-DEFAULT_RUNNER = "suite.runner:run_setting"
+DEFAULT_RUNNER = "suite.execution.runner:run_setting"
 STUDY_KEYS = ("seeds", "images", "grid", "zip")  # keys of a profile / --set that are not RunConfig's
 
 
@@ -296,7 +296,7 @@ def _spec_error(exc: ValidationError, text: str, source: str) -> GistressError:
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     got = err.get("input")
     got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-    return GistressError(f"{where}: {dotted}: {msg}{got_s}", "see the layout in suite/study.py or runs/quickstart.yaml")
+    return GistressError(f"{where}: {dotted}: {msg}{got_s}", "see the layout in suite/studies/study.py or runs/quickstart.yaml")
 
 
 def _validate_spec(spec: StudySpec, text: str) -> None:
@@ -672,7 +672,7 @@ class StudyOutcome:
 
 def _install_sigterm() -> Callable[[], None]:
     """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread; returns the undo."""
-    from suite.tracking import Terminated
+    from suite.execution.tracking import Terminated
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -721,7 +721,8 @@ def run_study(
     SIGTERM: the running child and the parent end KILLED, the summary of what exists is written,
     and KeyboardInterrupt is re-raised (re-running completes the rest).
     """
-    from suite import executors, figures, tracking
+    from suite.execution import executors, tracking
+    from suite.reports import figures
 
     out = out or sys.stdout
     spec = load_spec(spec_path)
@@ -854,7 +855,7 @@ def _finish(outcome, settings, results, reused, client, study_dir, parent_id, ou
     # status as MLflow has it after the sweep.
     started = {}
     if len(results) + len(reused) < len(settings):
-        from suite.tracking import child_runs
+        from suite.execution.tracking import child_runs
 
         try:
             for run in child_runs(client, outcome.experiment_id, parent_id):
@@ -882,7 +883,7 @@ def _finish(outcome, settings, results, reused, client, study_dir, parent_id, ou
     try:
         outcome.csv_path = figures.write_summary_csv(rows, study_dir / "summary.csv")
         client.log_artifact(parent_id, str(outcome.csv_path))
-        from suite.mlflow_ui import save_study_view, summary_table
+        from suite.execution.mlflow_ui import save_study_view, summary_table
 
         # the runs-table view first: it is what `gistress ui` opens, whatever fails after it
         save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile)
@@ -911,7 +912,7 @@ def _reused_row(client, s: Setting, run_id: str, study_dir: Path) -> dict:
     row = {"index": s.index, "name": s.name, "status": "FINISHED", "run_id": run_id, "error": None,
            "reused": True, "metrics": {}, "artifacts": {}}
     try:
-        from suite.tracking import internal_metrics
+        from suite.execution.tracking import internal_metrics
 
         run = client.get_run(run_id)
         row["metrics"] = internal_metrics(run.data.metrics)  # MLflow's names back to the suite's keys
@@ -927,7 +928,7 @@ def _reused_row(client, s: Setting, run_id: str, study_dir: Path) -> dict:
 
 def format_table(rows: Sequence[dict]) -> str:
     """The printed summary: one row per child with its varying axes, scores and status."""
-    from suite.figures import summary_records
+    from suite.reports.figures import summary_records
 
     records = summary_records(rows, short_ids=True)
     if not records:
@@ -941,7 +942,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def leak_sentence(rows: Sequence[dict]) -> str:
     """Which settings leaked (a sample met the leak rule) and which did not, in words."""
-    from suite.figures import summary_records
+    from suite.reports.figures import summary_records
 
     done = [(row, rec) for row, rec in zip(rows, summary_records(rows)) if rec["leaked"]]
     if not done:
@@ -971,8 +972,8 @@ def _report(outcome: StudyOutcome, out, json_out: bool) -> None:
         print(f"summary: {outcome.csv_path.resolve()}", file=out)
     if outcome.figure_path:
         print(f"figure: {outcome.figure_path.resolve()}", file=out)
-    from suite.mlflow_ui import runs_link
-    from suite.tracking import is_http, resolve_tracking_uri
+    from suite.execution.mlflow_ui import runs_link
+    from suite.execution.tracking import is_http, resolve_tracking_uri
 
     uri, exp_id = outcome.tracking_uri, outcome.experiment_id
     if uri and exp_id and is_http(uri):

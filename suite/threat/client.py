@@ -13,8 +13,8 @@ from torch import nn
 
 from suite.data.batch import Batch
 from suite.errors import GistressError
-from suite.tasks import ClassificationLoss, DetectionLoss, set_mode
-from suite.threat import ThreatModel
+from suite.model.tasks import ClassificationLoss, DetectionLoss, set_mode
+from suite.threat.threat_model import ThreatModel
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Client:
         names, params = trainable(model)
         exact_stats = None
         if threat.bn_stats == "exact":
-            from suite.bnstats import batch_stats
+            from suite.model.bnstats import batch_stats
 
             exact_stats = [(m, v) for _, m, v in batch_stats(model, batch.images)]
             set_mode(model, self.task, threat.bn_mode)
@@ -111,7 +111,7 @@ class Client:
             update = [(b - p.detach()) for b, p in zip(before, params)]
 
         if threat.defense != "none":
-            from suite.defenses import apply_defense
+            from suite.threat.defenses import apply_defense
 
             gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919)
             update = [u.to(update[0].device) for u in apply_defense([u.cpu() for u in update],
@@ -132,7 +132,7 @@ class Client:
                 obs.grants["labels"] = "classes"
         if threat.bn_stats == "running":
             if threat.bn_momentum is not None:
-                from suite.bnstats import bn_momentum
+                from suite.model.bnstats import bn_momentum
 
                 if abs(bn_momentum(model) - threat.bn_momentum) > 1e-12:
                     raise GistressError(
@@ -159,7 +159,7 @@ class Client:
                     "pass labels in 0..num_classes-1 or build the variant with more classes",
                 )
         if self.task == "detection" and self.num_classes is not None:
-            from suite.detection import validate_targets
+            from suite.model.detection import validate_targets
 
             validate_targets(batch, self.num_classes)
         if self.task == "detection" and not self.threat.shares_labels:

@@ -11,7 +11,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from suite.bnstats import named_bn_layers
+from suite.model.bnstats import named_bn_layers
 
 
 def layer_weight_vector(names: list[str], patterns: dict[str, float]) -> list[float]:

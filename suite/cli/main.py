@@ -1,4 +1,4 @@
-"""The ``gistress`` command: one subcommand per module in ``suite.commands``.
+"""The ``gistress`` command: one subcommand per module in ``suite.cli.commands``.
 
 Every user-facing error is a GistressError printed as one line with a non-zero exit; a
 traceback appears only with ``--debug``.
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"suite.commands.{name}")
+            module = importlib.import_module(f"suite.cli.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"suite.commands.{name}":
+            if exc.name == f"suite.cli.commands.{name}":
                 continue
             raise
         p = module.add_parser(sub)
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     restore = lambda: None  # noqa: E731
     try:
-        from suite.threads import ENV, resolve_threads
+        from suite.execution.threads import ENV, resolve_threads
 
         threads = resolve_threads(args.threads)  # a bad value fails before any work
         if args.command in COMPUTES:
             import os
 
-            from suite.study import _install_sigterm
-            from suite.threads import apply_threads
+            from suite.execution.threads import apply_threads
+            from suite.studies.study import _install_sigterm
 
             restore = _install_sigterm()  # SIGTERM ends runs KILLED, exactly like Ctrl-C
             os.environ.setdefault(ENV, str(threads))  # worker processes follow the same choice

@@ -42,7 +42,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _has_bn(model: torch.nn.Module) -> bool:
-    from suite.bnstats import named_bn_layers
+    from suite.model.bnstats import named_bn_layers
 
     return bool(named_bn_layers(model))
 
@@ -97,13 +97,13 @@ def make_inits(cfg: RunConfig, variant, batch) -> list[torch.Tensor] | None:
     """Explicit inits for oracle (noisy_target) and file starts; None for seeded random."""
     a = cfg.attack
     if a.init == "noisy_target":
-        from suite.inits import noisy_target
+        from suite.attack.inits import noisy_target
 
         gen = torch.Generator().manual_seed(cfg.seed + 17)
         return [noisy_target(batch.images, variant.normalization, p=a.noise_p, sigma=a.noise_sigma,
                              generator=gen) for _ in range(a.restarts)]
     if a.init == "file":
-        from suite.inits import from_file
+        from suite.attack.inits import from_file
 
         return [from_file(a.init_file, len(batch), batch.size)] * a.restarts
     return None
@@ -127,7 +127,7 @@ def prepare_setting(cfg: RunConfig) -> Prepared:
     Every bad input surfaces here as a GistressError, before an attack starts: callers that
     open an MLflow run or an output folder call this first, so that a bad input leaves neither.
     """
-    from suite.client import Client
+    from suite.threat.client import Client
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -147,9 +147,9 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     ``prepared``: the output of ``prepare_setting(cfg)`` when the caller checked the inputs
     first (the result is the same either way).
     """
-    from suite.attacker import Attacker
-    from suite.client import Client
-    from suite.metrics import psnr_per_sample, score, wsrr
+    from suite.attack.attacker import Attacker
+    from suite.scoring.metrics import psnr_per_sample, score, wsrr
+    from suite.threat.client import Client
 
     out_dir = Path(out_dir)
     prepared = prepared if prepared is not None else prepare_setting(cfg)
@@ -205,7 +205,7 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     recovered = attacker.inferred_labels if attacker.inferred_labels is not None else (
         recon.labels if obs.labels is None and variant.task == "classification" else None)  # joint (DLG)
     if recovered is not None:
-        from suite.labels import label_accuracy
+        from suite.attack.labels import label_accuracy
 
         metrics["label_accuracy"] = label_accuracy(recovered.cpu(), batch.labels.cpu())
     metrics["restarts_diverged"] = recon.restarts_diverged
@@ -244,7 +244,7 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
 def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
     """target / init / reconstruction / control PNGs at their own size and upscaled to a legible
     one (``<name>_x<factor>.png``), the side-by-side comparison grid, config, metrics and tensor."""
-    from suite.images import save_png, side_by_side, upscale_factor
+    from suite.reports.images import save_png, side_by_side, upscale_factor
 
     out_dir.mkdir(parents=True, exist_ok=True)
     batch, recon = result.target, result.reconstruction

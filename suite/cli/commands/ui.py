@@ -80,8 +80,8 @@ def check_port(host: str, port: int) -> None:
 
 def study_links(uri: str, base_url: str) -> list[tuple[str, str]]:
     """(study, link to its runs view) for every study in the store, newest first (best effort)."""
-    from suite.mlflow_ui import runs_link, study_views
-    from suite.tracking import client_for
+    from suite.execution.mlflow_ui import runs_link, study_views
+    from suite.execution.tracking import client_for
 
     try:
         return [(name, runs_link(base_url, exp_id)) for name, exp_id in study_views(client_for(uri))]
@@ -172,7 +172,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from suite.errors import GistressError
-    from suite.tracking import check_reachable, is_http, resolve_tracking_uri
+    from suite.execution.tracking import check_reachable, is_http, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if is_http(uri):

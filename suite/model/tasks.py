@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suite.bnstats import named_bn_layers
+from suite.model.bnstats import named_bn_layers
 
 
 def set_mode(model: nn.Module, task: str, bn_mode: str) -> None:
     """Train mode (batch statistics) or eval mode (running statistics) as the client runs it."""
     if task == "detection":
-        from suite.detection import set_bn_mode
+        from suite.model.detection import set_bn_mode
 
         set_bn_mode(model, bn_mode)
         return
@@ -51,7 +51,7 @@ class DetectionLoss:
     """The ultralytics YOLOv8 detection loss (box / cls / DFL, task-aligned assigner)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, torch.Tensor]):
-        from suite.detection import make_criterion
+        from suite.model.detection import make_criterion
 
         self.criterion = make_criterion(model)
         self.targets = targets

@@ -183,7 +183,7 @@ def resolve_device(device: str) -> str:
     """``auto`` -> the device the runner will pick (cuda when available, else cpu)."""
     if device != "auto":
         return device
-    from suite.runner import resolve_device as pick  # one definition of what ``auto`` means
+    from suite.execution.runner import resolve_device as pick  # one definition of what ``auto`` means
 
     return str(pick("auto"))
 
@@ -312,7 +312,7 @@ def create_setting_run(
 
     client = client or client_for(tracking_uri)
     exp_id = experiment_id(client, experiment)
-    from suite.mlflow_ui import describe_setting
+    from suite.execution.mlflow_ui import describe_setting
 
     tags = setting_tags(cfg, extra_tags)
     tags.setdefault(NOTE_TAG, describe_setting(cfg))
@@ -384,7 +384,7 @@ class SettingRun:
         import yaml
         from mlflow.entities import Metric
 
-        from suite.mlflow_ui import describe_result
+        from suite.execution.mlflow_ui import describe_result
 
         self.flush()
         now = int(time.time() * 1000)

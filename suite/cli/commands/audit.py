@@ -16,7 +16,7 @@ def add_parser(sub):
         "audit", help="leakage audit of one model: a battery of threat levels and a verdict",
         description="Attack the model under a fixed battery of threat levels (realistic to upper bound), "
                     "each a child of one MLflow run, and write a verdict report.")
-    from suite.commands.attack import add_model_args
+    from suite.cli.commands.attack import add_model_args
 
     add_model_args(p)
     d = p.add_argument_group("data")
@@ -51,8 +51,8 @@ def base_config(args):
     Built through ``gistress attack``'s own flag handling, so variant options, weights and
     image names behave exactly as they do there.
     """
-    from suite.audit import budget_for
-    from suite.commands import attack
+    from suite.audit.audit import budget_for
+    from suite.cli.commands import attack
 
     budget = budget_for(args.level)
     images = [s for item in args.image for s in item.split(",") if s]
@@ -92,8 +92,8 @@ def _task(variant: str) -> str:
 
 def run(args) -> int:
     """Plan (validating everything), run the battery, print the verdict table."""
-    from suite.audit import format_table, plan_audit, run_audit, verdict_rows
-    from suite.tracking import check_reachable, resolve_tracking_uri
+    from suite.audit.audit import format_table, plan_audit, run_audit, verdict_rows
+    from suite.execution.tracking import check_reachable, resolve_tracking_uri
 
     cfg = base_config(args)
     plan = plan_audit(cfg, args.level, iterations=args.iterations, positive_control=not args.no_positive_control)

@@ -47,8 +47,8 @@ class ThreatModel(BaseModel):
     def _check_defense(cls, v: str) -> str:
         # the full check (kind and parameter range) here, so a bad defense fails with the config,
         # before any model is built or any MLflow run exists
-        from suite.defenses import parse_defense
         from suite.errors import GistressError
+        from suite.threat.defenses import parse_defense
 
         try:
             parse_defense(v)

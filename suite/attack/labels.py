@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from suite.bnstats import forward_untouched
 from suite.errors import GistressError
+from suite.model.bnstats import forward_untouched
 
 METHODS = ("auto", "idlg", "distinct", "count")
 

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from suite.audit.positive_control import INCONCLUSIVE, NO_LEAK, control_config, level_verdict, reference_for
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
-from suite.positive_control import INCONCLUSIVE, NO_LEAK, control_config, level_verdict, reference_for
 from suite.results import jsonable
 
 # The realistic client every level starts from.
@@ -254,7 +254,7 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     """
     import variants
     from suite import data
-    from suite.runner import _has_bn, resolve_device
+    from suite.execution.runner import _has_bn, resolve_device
 
     b = budget_for(budget)
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
@@ -727,13 +727,13 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
 
     A failing level ends its child FAILED (tag ``error``) and the audit goes on. Ctrl-C / SIGTERM
     end the running child and the parent KILLED, write the report of what exists and re-raise.
-    ``runner`` replaces ``suite.runner.run_setting`` (tests).
+    ``runner`` replaces ``suite.execution.runner.run_setting`` (tests).
     """
-    from suite import tracking
-    from suite.study import _install_sigterm
+    from suite.execution import tracking
+    from suite.studies.study import _install_sigterm
 
     if runner is None:
-        from suite.runner import run_setting as runner
+        from suite.execution.runner import run_setting as runner
     out = out or sys.stdout
     out_dir = Path(out_dir)
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -796,7 +796,7 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
 def _create_parent(client, exp_id: str, plan: AuditPlan) -> str:
     from mlflow.entities import Param
 
-    from suite import tracking
+    from suite.execution import tracking
 
     base = plan.base
     tags = {
@@ -842,8 +842,8 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
     """One level into ``outcome``: its child run, one client batch per image, scores and artifacts."""
     from mlflow.entities import Param
 
-    from suite import tracking
-    from suite.mlflow_ui import describe_setting
+    from suite.execution import tracking
+    from suite.execution.mlflow_ui import describe_setting
 
     lv = pl.level
     t0 = time.perf_counter()
@@ -908,7 +908,7 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
 
 def _log_client(client, run_id: str, i: int, image: str, res) -> None:
     """One client batch's files on the level's run: PNGs under images/, the rest under clients/."""
-    from suite.tracking import IMAGE_SUFFIXES
+    from suite.execution.tracking import IMAGE_SUFFIXES
 
     sub = f"{i:02d}_{_safe(image)}"
     for path in (res.artifacts or {}).values():
@@ -921,7 +921,7 @@ def _log_client(client, run_id: str, i: int, image: str, res) -> None:
 def _log_level(client, run_id: str, o: LevelOutcome, pl: PlannedLevel) -> None:
     from mlflow.entities import Metric, RunTag
 
-    from suite.tracking import _tag_value
+    from suite.execution.tracking import _tag_value
 
     now = int(time.time() * 1000)
     step = int(pl.config.attack.iterations)
@@ -1180,7 +1180,7 @@ def level_figure(outcomes: list[LevelOutcome], path: Path, *, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from suite.images import draw_boxes, to_pil
+    from suite.reports.images import draw_boxes, to_pil
 
     rows = [(o, o.best_and_median()) for o in outcomes if o.samples]
     if not rows:

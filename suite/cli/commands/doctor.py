@@ -21,8 +21,8 @@ def report(tracking_uri: str | None = None) -> dict:
     import torch
 
     import suite
-    from suite.metrics import lpips_status
-    from suite.tracking import resolve_tracking_uri
+    from suite.execution.tracking import resolve_tracking_uri
+    from suite.scoring.metrics import lpips_status
     from variants.weights import hf_cache_dir
 
     versions = {"gistress": suite.__version__}

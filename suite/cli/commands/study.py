@@ -32,13 +32,13 @@ def add_parser(sub):
     s.add_argument("--timeout-min", type=int, help="time limit per setting in minutes")
     s.add_argument("--array-parallelism", type=int, help="settings running at once")
     # Another function with run_setting's signature (tests, custom attack loops).
-    p.add_argument("--runner", default="suite.runner:run_setting", help=argparse.SUPPRESS)
+    p.add_argument("--runner", default="suite.execution.runner:run_setting", help=argparse.SUPPRESS)
     return p
 
 
 def run(args) -> int:
     """Run the study; 0 when every setting finished, 1 when some failed, 130 when interrupted."""
-    from suite.study import run_study
+    from suite.studies.study import run_study
 
     options = {
         "slurm_partition": args.slurm_partition,

@@ -20,7 +20,7 @@ VIEW_KEY = "gistress"
 VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY
 VIEW_TIME_TAG = "gistress.view_updated"  # ms since the epoch: `gistress ui` opens the newest view
 ML_MODE = "workflowType=machine_learning"
-# Columns of the saved view, in order: MLflow names (see suite.tracking.METRIC_NAMES).
+# Columns of the saved view, in order: MLflow names (see suite.execution.tracking.METRIC_NAMES).
 VIEW_METRICS = ("score/psnr", "control/psnr", "gain/psnr", "score/ssim", "score/lpips", "score/brr")
 _FILTER_MAX = 15000  # experiment tags hold 20,000 characters; a longer run list filters by tags
 
@@ -101,7 +101,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     """The study summary as columns for ``MlflowClient.log_table``: the setting and its scores
     first (the viewer shows the leftmost columns), no dots in column names (it reads a dot as a
     nested field)."""
-    from suite.figures import summary_records
+    from suite.reports.figures import summary_records
 
     records = summary_records(rows)
     if not records:

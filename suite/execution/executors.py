@@ -46,7 +46,7 @@ class SettingJob:
     tracking_uri: str
     parent_run_id: str | None
     out_dir: str
-    runner: str = "suite.runner:run_setting"   # "module:function" with run_setting's signature
+    runner: str = "suite.execution.runner:run_setting"   # "module:function" with run_setting's signature
     extra_tags: dict = field(default_factory=dict)
     run_id: str | None = None         # pre-created child run (subprocess workers)
     progress: bool = False
@@ -113,7 +113,7 @@ def slurm_parameters(params: dict) -> dict:
 
 def check_tracking(plan_: Plan, uri: str) -> None:
     """Several processes need one tracking server: error for Slurm, warn for local sqlite."""
-    from suite.tracking import is_http
+    from suite.execution.tracking import is_http
 
     if is_http(uri):
         return
@@ -129,7 +129,7 @@ def check_tracking(plan_: Plan, uri: str) -> None:
 
 def _load_runner(spec: str):
     if ":" not in spec:
-        raise GistressError(f"runner '{spec}' is not module:function", "e.g. suite.runner:run_setting")
+        raise GistressError(f"runner '{spec}' is not module:function", "e.g. suite.execution.runner:run_setting")
     module, func = spec.split(":", 1)
     try:
         return getattr(importlib.import_module(module), func)
@@ -144,7 +144,7 @@ def _worker_sigterm() -> None:
     submitit installs a handler that ignores SIGTERM (it waits for its own USR2 signal); a
     setting has nothing to checkpoint, so we take SIGTERM back.
     """
-    from suite.tracking import Terminated
+    from suite.execution.tracking import Terminated
 
     if threading.current_thread() is not threading.main_thread():
         return
@@ -163,10 +163,10 @@ def execute_setting(job: SettingJob) -> dict:
     """
     import suite  # noqa: F401  (offline defaults in a fresh worker)
     from suite.config import RunConfig
-    from suite.tracking import numeric_metrics, one_line_error, setting_run
+    from suite.execution.tracking import numeric_metrics, one_line_error, setting_run
 
     if job.in_worker:
-        from suite.threads import apply_threads
+        from suite.execution.threads import apply_threads
 
         _worker_sigterm()
         apply_threads()  # the parent's --threads choice, passed on as GISTRESS_THREADS
@@ -211,7 +211,7 @@ def run_jobs(jobs: Sequence[SettingJob], plan_: Plan, *, client, folder: str | P
 
 def _precreate(job: SettingJob, client) -> None:
     from suite.config import RunConfig
-    from suite.tracking import create_setting_run
+    from suite.execution.tracking import create_setting_run
 
     job.in_worker = True
     job.run_id = create_setting_run(
@@ -303,7 +303,7 @@ def sweep(client, experiment_id: str, parent_run_id: str, *, interrupted: bool) 
     Interrupted -> KILLED; otherwise -> FAILED ("worker exited without reporting"). Returns how
     many were ended.
     """
-    from suite.tracking import child_runs
+    from suite.execution.tracking import child_runs
 
     n = 0
     try:

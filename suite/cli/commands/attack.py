@@ -168,7 +168,7 @@ def run(args) -> int:
     Inputs are checked before anything is written: a bad flag, checkpoint, image or tracking URI
     leaves no MLflow run and no output folder (the folder is written once the attack is done).
     """
-    from suite.runner import prepare_setting, run_setting
+    from suite.execution.runner import prepare_setting, run_setting
 
     cfg = config_from_args(args)
     out = Path(args.out or f"gistress-out/attack-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -176,7 +176,7 @@ def run(args) -> int:
         result = run_setting(cfg, out_dir=out, progress=not args.quiet)
         run_id = None
     else:
-        from suite.tracking import check_reachable, resolve_tracking_uri, setting_run
+        from suite.execution.tracking import check_reachable, resolve_tracking_uri, setting_run
 
         uri = resolve_tracking_uri(args.tracking_uri)
         check_reachable(uri)
@@ -190,8 +190,8 @@ def run(args) -> int:
     print(summary_table(result))
     print(f"images: {out.resolve()}")
     if run_id:
-        from suite.mlflow_ui import run_link
-        from suite.tracking import is_http
+        from suite.execution.mlflow_ui import run_link
+        from suite.execution.tracking import is_http
 
         base = uri if is_http(uri) else "http://127.0.0.1:5000"
         how = "" if is_http(uri) else " once `gistress ui` serves the store"

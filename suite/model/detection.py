@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 import suite  # noqa: F401  (YOLO_OFFLINE before ultralytics is imported)
-from suite.bnstats import named_bn_layers
 from suite.data.batch import Batch
 from suite.errors import GistressError
+from suite.model.bnstats import named_bn_layers
 
 BnMode = Literal["train", "eval"]
 TARGET_KEYS = ("batch_idx", "cls", "bboxes")
@@ -102,7 +102,7 @@ def _check_target_dict(targets: dict, batch_size: int, nc: int) -> None:
     """Cheap structural checks so that bad targets fail here, not deep inside the assigner."""
     if not isinstance(targets, dict) or any(k not in targets for k in TARGET_KEYS):
         raise GistressError(f"detection targets must be a dict with keys {', '.join(TARGET_KEYS)}",
-                            "pass batch.yolo_targets() (or suite.detection.targets_for(batch, nc))")
+                            "pass batch.yolo_targets() (or suite.model.detection.targets_for(batch, nc))")
     cls, idx = targets["cls"], targets["batch_idx"]
     if cls.numel() == 0:
         raise GistressError("detection targets hold no boxes", "every image in a detection batch needs boxes")

@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from suite.allocator import tune_allocator
-from suite.bnstats import named_bn_layers
-from suite.client import Observation, local_schedule, trainable
+from suite.attack.allocator import tune_allocator
+from suite.attack.convgrad import use_grouped_conv_derivative
+from suite.attack.objectives import BNStatHooks, UpdateMatcher, bn_prior, total_variation
 from suite.config import AttackSpec
-from suite.convgrad import use_grouped_conv_derivative
 from suite.errors import DivergenceError, GistressError
-from suite.objectives import BNStatHooks, UpdateMatcher, bn_prior, total_variation
+from suite.model.bnstats import named_bn_layers
+from suite.model.tasks import ClassificationLoss, DetectionLoss, freeze_running_stats, set_mode
 from suite.results import Reconstruction
-from suite.tasks import ClassificationLoss, DetectionLoss, freeze_running_stats, set_mode
+from suite.threat.client import Observation, local_schedule, trainable
 
 StepCallback = Callable[[int, dict[str, float], torch.Tensor], dict[str, float] | None]
 
@@ -81,7 +81,7 @@ class Attacker:
         model = copy.deepcopy(self.variant.model)
         model.load_state_dict(self.obs.model_state)
         model.to(self.device)
-        use_grouped_conv_derivative(model)  # same values; a cheaper double backward (suite/convgrad.py)
+        use_grouped_conv_derivative(model)  # same values; a cheaper double backward (suite/attack/convgrad.py)
         set_mode(model, self.obs.task, self.obs.threat.bn_mode)
         freeze_running_stats(model)  # the attacker's forwards must not drift the statistics
         return model
@@ -99,7 +99,7 @@ class Attacker:
         if threat.bn_stats == "exact" and obs.bn_stats is not None:
             stats = [(m.to(self.device), v.to(self.device)) for m, v in obs.bn_stats]
         elif threat.bn_stats == "running" and obs.running_after is not None:
-            from suite.bnstats import bn_momentum, count_per_channel, recover_batch_stats
+            from suite.model.bnstats import bn_momentum, count_per_channel, recover_batch_stats
 
             before = [(n, obs.model_state[n + ".running_mean"], obs.model_state[n + ".running_var"])
                       for n, _ in named_bn_layers(self.model)]
@@ -139,7 +139,7 @@ class Attacker:
             return ClassificationLoss(labels=obs.labels.to(self.device))
         if self.spec.labels == "joint":
             return None  # soft labels are created per restart
-        from suite.labels import estimate_mean_probs, infer_labels
+        from suite.attack.labels import estimate_mean_probs, infer_labels
 
         w_grad, b_grad = self._last_layer_grads()
         # the batch-mean softmax from attacker-made inputs (level 0: batch and image size)
@@ -157,7 +157,7 @@ class Attacker:
         about lr * K times that. With the training known, divide by lr * K (exact for K = 1; for
         more steps it assumes each sample is visited equally often and the softmax moves little).
         Without it, the absent classes fix the scale: there the entry is s * pbar_c > 0, the
-        estimate ``suite.labels`` already applies to weight rows. Weight rows (no bias) are
+        estimate ``suite.attack.labels`` already applies to weight rows. Weight rows (no bias) are
         rescaled inside ``infer_labels``.
         """
         obs = self.obs
