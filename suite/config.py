@@ -208,10 +208,11 @@ def parse_attack(**fields) -> AttackSpec:
     try:
         return AttackSpec(**fields)
     except ValidationError as exc:
-        raise GistressError(_first_error(exc), "check the attack settings (see README: presets)") from None
+        raise GistressError(first_error(exc), "check the attack settings (see README: presets)") from None
 
 
-def _first_error(exc) -> str:
+def first_error(exc) -> str:
+    """The first pydantic validation error as one line: ``loc: message``."""
     err = exc.errors()[0]
     loc = ".".join(str(x) for x in err.get("loc", ()))
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")

@@ -677,7 +677,6 @@ def test_submitit_local_workers_log_to_one_server(tmp_path, mlflow_server, monke
 # ---------------------------------------------------------------------------------------------
 
 SPECS = sorted((REPO / "runs").glob("*.yaml"))
-RUNNER_EXISTS = (REPO / "suite" / "runner.py").exists()
 
 
 def test_shipped_specs_exist():
@@ -719,7 +718,6 @@ def test_shipped_spec_is_valid_with_smoke_and_paper(spec):
     assert max(s.config.attack.iterations for s in paper) >= 300
 
 
-@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/execution/runner.py not written yet")
 def test_real_runner_tiny_setting_end_to_end(tmp_path, uri):
     spec = write(tmp_path, """
 name: tiny_real
@@ -747,7 +745,6 @@ images: [astronaut]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RUNNER_EXISTS, reason="suite/execution/runner.py not written yet")
 @pytest.mark.parametrize("spec", SPECS, ids=[p.stem for p in SPECS])
 def test_shipped_spec_smoke_profile_runs(spec, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -254,7 +254,8 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     """
     import variants
     from suite import data
-    from suite.execution.runner import _has_bn, resolve_device
+    from suite.execution.runner import resolve_device
+    from suite.model.bnstats import has_bn
 
     b = budget_for(budget)
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
@@ -263,7 +264,7 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     resolve_device(base.device)
     variant = variants.build(base.variant, weights=base.weights, seed=base.seed,
                              trust_checkpoint=base.trust_checkpoint, **base.variant_options)
-    has_bn = _has_bn(variant.model)
+    model_has_bn = has_bn(variant.model)
     task = variant.task
     notes: list[str] = []
     if base.size is not None:
@@ -291,13 +292,13 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     levels: list[PlannedLevel] = []
     skipped: list[tuple[int, ThreatLevel, str]] = []
     for number, lv in enumerate(BATTERY, start=1):
-        if lv.bn_only and not has_bn:
+        if lv.bn_only and not model_has_bn:
             skipped.append((number, lv, "no BatchNorm layers"))
             continue
         if lv.classification_only and task != "classification":
             skipped.append((number, lv, "detection: boxes and classes are always shared"))
             continue
-        pl = _plan_level(number, lv, base, b, images, size, has_bn, iterations, task)
+        pl = _plan_level(number, lv, base, b, images, size, model_has_bn, iterations, task)
         if positive_control:
             pl.control = control_config(pl.config, task, variant.num_classes)
         levels.append(pl)
@@ -316,15 +317,15 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     if task == "detection":
         notes.append("detection: boxes and classes are shared at every level (the detection attack "
                      "needs them; recorded as the grant labels=boxes+classes)")
-    if not has_bn:
+    if not model_has_bn:
         notes.append("no BatchNorm layers: the BN levels (2, 3) are skipped and the strongest level "
                      "keeps train mode with no BN statistics")
-    if has_bn and base.weights == "random":
+    if model_has_bn and base.weights == "random":
         notes.append("weights=random: the inference-mode levels (3, 6) use BN statistics calibrated on "
                      "data (weights=calibrated) because eval-mode BN on random 0/1 statistics is "
                      "meaningless; a random model is not the checkpoint your clients train, so audit "
                      "that checkpoint with --weights file:<path>")
-    return AuditPlan(base=base, budget=b, images=images, size=size, task=task, has_bn=has_bn, levels=levels,
+    return AuditPlan(base=base, budget=b, images=images, size=size, task=task, has_bn=model_has_bn, levels=levels,
                      skipped=skipped, notes=notes, iterations_override=iterations,
                      positive_control=positive_control, reference=reference_for(task) if positive_control else None)
 
@@ -921,7 +922,7 @@ def _log_client(client, run_id: str, i: int, image: str, res) -> None:
 def _log_level(client, run_id: str, o: LevelOutcome, pl: PlannedLevel) -> None:
     from mlflow.entities import Metric, RunTag
 
-    from suite.execution.tracking import _tag_value
+    from suite.execution.tracking import tag_value
 
     now = int(time.time() * 1000)
     step = int(pl.config.attack.iterations)
@@ -938,7 +939,7 @@ def _log_level(client, run_id: str, o: LevelOutcome, pl: PlannedLevel) -> None:
     tags = dict(o.tags)
     tags.update(assumption_level=str(o.assumption_level), upper_bound=str(bool(o.upper_bound)).lower(),
                 leaked=str(bool(o.leaked)).lower())
-    client.log_batch(run_id, tags=[RunTag(k, _tag_value(v)) for k, v in tags.items()])
+    client.log_batch(run_id, tags=[RunTag(k, tag_value(v)) for k, v in tags.items()])
     client.log_dict(run_id, {
         "images": [s.image for s in o.samples], "psnr": [s.psnr for s in o.samples],
         "ssim": [s.ssim for s in o.samples], "lpips": [s.lpips for s in o.samples],

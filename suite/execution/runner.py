@@ -17,6 +17,7 @@ import torch
 
 from suite.config import RunConfig
 from suite.errors import GistressError
+from suite.model.bnstats import has_bn
 from suite.results import RunResult
 
 StepHook = Callable[[int, dict[str, float]], None]
@@ -39,12 +40,6 @@ def resolve_device(device: str) -> torch.device:
             raise GistressError(f"device {device} requested but this machine has {count} GPU(s)",
                                 f"use --device cuda:0 .. cuda:{count - 1}, or set CUDA_VISIBLE_DEVICES")
     return dev
-
-
-def _has_bn(model: torch.nn.Module) -> bool:
-    from suite.model.bnstats import named_bn_layers
-
-    return bool(named_bn_layers(model))
 
 
 def calibration_images(cfg: RunConfig, task: str, size: int, targets) -> tuple[torch.Tensor, str]:
@@ -84,7 +79,7 @@ def build_and_load(cfg: RunConfig):
 
         pool, calibrated_on = calibration_images(cfg, variant.task, size, batch)
         calibrate_bn(variant, pool, batches=cfg.calibration_batches, seed=cfg.seed)
-    if cfg.threat.bn_mode == "eval" and cfg.weights == "random" and _has_bn(variant.model):
+    if cfg.threat.bn_mode == "eval" and cfg.weights == "random" and has_bn(variant.model):
         raise GistressError(
             "bn_mode=eval on random weights: BN running statistics are 0/1, so gradients barely "
             "depend on the input and the attack would be meaningless",
@@ -212,7 +207,7 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     metrics["seconds"] = time.perf_counter() - t0
 
     tags = {
-        "assumption_level": str(cfg.assumption_level(variant.task, has_bn=_has_bn(variant.model))),
+        "assumption_level": str(cfg.assumption_level(variant.task, has_bn=has_bn(variant.model))),
         "upper_bound": str(cfg.threat.upper_bound),
         "oracle_init": str(cfg.attack.oracle_init),
         "device": str(device),

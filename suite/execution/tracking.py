@@ -209,11 +209,12 @@ def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, 
         tags["git_commit"] = sha
         tags["mlflow.source.git.commit"] = sha
     for key, value in (extra_tags or {}).items():
-        tags[str(key)] = _tag_value(value)
+        tags[str(key)] = tag_value(value)
     return tags
 
 
-def _tag_value(value: Any) -> str:
+def tag_value(value: Any) -> str:
+    """A param or tag value as MLflow stores it: booleans lower-case, containers as JSON, capped."""
     if isinstance(value, bool):
         return str(value).lower()
     text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
@@ -398,7 +399,7 @@ class SettingRun:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         for key, value in (result.tags or {}).items():
-            self.client.set_tag(self.run_id, str(key), _tag_value(value))
+            self.client.set_tag(self.run_id, str(key), tag_value(value))
         self.client.set_tag(self.run_id, NOTE_TAG, describe_result(cfg, result.metrics, result.tags or {}))
         for path in (result.artifacts or {}).values():
             path = Path(path)

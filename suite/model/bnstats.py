@@ -38,6 +38,11 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchN
     return named_bn_layers(model)
 
 
+def has_bn(model: nn.Module) -> bool:
+    """Whether the model has any BatchNorm layer."""
+    return bool(named_bn_layers(model))
+
+
 def running_stats(model: nn.Module) -> Stats:
     """``(name, running_mean, running_var)`` clones for every BN layer that tracks running stats."""
     return [

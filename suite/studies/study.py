@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 import suite
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
+from suite.keys import check_key, check_keys, deep_merge, nest
 from suite.results import jsonable
 
 DEFAULT_RUNNER = "suite.execution.runner:run_setting"
@@ -143,78 +144,6 @@ class Setting:
 # ---------------------------------------------------------------------------------------------
 
 
-def _key_tree(model: type[BaseModel]) -> dict[str, Any]:
-    """Valid nested keys of a pydantic model: name -> subtree, None (leaf) or "open" (a dict)."""
-    tree: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            tree[name] = _key_tree(ann)
-        elif ann is dict or getattr(ann, "__origin__", None) is dict:
-            tree[name] = "open"
-        else:
-            tree[name] = None
-    return tree
-
-
-RUN_KEYS = _key_tree(RunConfig)
-
-
-def _all_dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k, sub in tree.items():
-        out.append(prefix + k)
-        if isinstance(sub, dict):
-            out.extend(_all_dotted(sub, prefix + k + "."))
-    return out
-
-
-def check_key(dotted: str, where: str, *, extra: Sequence[str] = ()) -> None:
-    """Raise a GistressError naming the nearest valid key when ``dotted`` is not a RunConfig key."""
-    if dotted in extra:
-        return
-    node: Any = RUN_KEYS
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        if node == "open":
-            return  # free-form dict (variant_options, attack.layer_weights)
-        if not isinstance(node, dict) or part not in node:
-            prefix = ".".join(parts[:i])
-            candidates = [prefix + "." + k if prefix else k for k in node] if isinstance(node, dict) else []
-            candidates += [k for k in _all_dotted(RUN_KEYS) if k not in candidates] + list(extra)
-            near = close_matches(dotted, candidates, n=1)
-            hint = f"did you mean '{near}'?" if near else None
-            if isinstance(node, dict):
-                valid = ", ".join(candidates[: len(node)])
-            else:
-                valid = f"'{prefix}' takes a single value"
-            raise GistressError(
-                f"unknown key '{dotted}' in {where}" + (f" ({hint})" if hint else ""),
-                f"valid keys here: {valid}",
-            )
-        node = node[part]
-
-
-def _check_keys(mapping: dict, where: str, *, prefix: str = "", extra: Sequence[str] = ()) -> None:
-    """Check every key of a (nested, possibly dotted) partial RunConfig."""
-    for key, value in mapping.items():
-        if not isinstance(key, str):
-            raise GistressError(f"key {key!r} in {where} is not a string", "quote it in the YAML")
-        dotted = prefix + key
-        check_key(dotted, where, extra=extra if not prefix else ())
-        if isinstance(value, dict) and dotted not in extra and _subtree(dotted) not in ("open", None):
-            _check_keys(value, where, prefix=dotted + ".")
-
-
-def _subtree(dotted: str):
-    node: Any = RUN_KEYS
-    for part in dotted.split("."):
-        if node == "open":
-            return "open"
-        node = node[part]
-    return node
-
-
 def _yaml_line(text: str, loc: Sequence[Any]) -> int | None:
     """1-based line of the key at ``loc`` in the YAML text (best effort; None if not found)."""
     try:
@@ -306,7 +235,7 @@ def _validate_spec(spec: StudySpec, text: str) -> None:
     def where(*loc):
         return _where(src, _yaml_line(text, loc))
 
-    _check_keys(spec.base, where("base"))
+    check_keys(spec.base, where("base"))
     for key, values in spec.grid.items():
         check_key(key, where("grid", key))
         if not values:
@@ -343,7 +272,7 @@ def _check_profile(spec: StudySpec, pname: str, prof: dict, where: str) -> None:
     if not isinstance(prof, dict):
         raise GistressError(f"profile '{pname}' in {where} is not a mapping", "write e.g. smoke: {size: 32}")
     overrides = {k: v for k, v in prof.items() if k not in STUDY_KEYS}
-    _check_keys(overrides, f"{where} (profile '{pname}')", extra=STUDY_KEYS)
+    check_keys(overrides, f"{where} (profile '{pname}')", extra=STUDY_KEYS)
     axes = set(spec.grid) | {k for g in spec.zip_groups() for k in g}
     for key in ("grid", "zip"):
         sub = prof.get(key)
@@ -372,37 +301,6 @@ def _check_profile(spec: StudySpec, pname: str, prof: dict, where: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # expansion
 # ---------------------------------------------------------------------------------------------
-
-
-def _nest(mapping: dict) -> dict:
-    """Dotted keys -> nested dicts (``{'attack.tv': 0}`` -> ``{'attack': {'tv': 0}}``)."""
-    out: dict = {}
-    for key, value in mapping.items():
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = node[part] = {}
-            node = nxt
-        leaf = parts[-1]
-        if isinstance(value, dict):
-            value = _nest(value)
-            if isinstance(node.get(leaf), dict):
-                value = deep_merge(node[leaf], value)
-        node[leaf] = value
-    return out
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """A new dict: ``over`` merged into ``base`` (dicts recursively, everything else replaced)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def parse_sets(sets: Iterable[str]) -> tuple[dict, dict]:
@@ -521,9 +419,9 @@ def expand_settings(spec: StudySpec | str | Path, profile: str | None = None,
     for s in seeds or ():
         if isinstance(s, bool) or not isinstance(s, int):
             raise GistressError(f"seed {s!r} in {spec.source} is not an integer", "write e.g. seeds: [0, 1]")
-    base = _nest(spec.base)
-    prof_over = _nest({k: v for k, v in prof.items() if k not in STUDY_KEYS})
-    set_over = _nest(set_over)
+    base = nest(spec.base)
+    prof_over = nest({k: v for k, v in prof.items() if k not in STUDY_KEYS})
+    set_over = nest(set_over)
     base_seed = base.get("seed", 0)
     seed_list = list(seeds) if seeds else [base_seed]
     image_list: list = list(images) if images else [None]
@@ -555,7 +453,7 @@ def expand_settings(spec: StudySpec | str | Path, profile: str | None = None,
                 if image is not None:
                     study_level["images"] = image if isinstance(image, list) else [image]
                 merged = base
-                for layer in (study_level, _nest(point), prof_over, set_over):
+                for layer in (study_level, nest(point), prof_over, set_over):
                     merged = deep_merge(merged, layer)
                 try:
                     cfg = RunConfig(**merged)

@@ -90,7 +90,7 @@ def config_from_args(args):
     """The RunConfig the flags describe (validation errors become one-line GistressErrors)."""
     from pydantic import ValidationError
 
-    from suite.config import RunConfig, _first_error
+    from suite.config import RunConfig, first_error
 
     options = {}
     for key, flag in (("stem", args.stem), ("width", args.width), ("num_classes", args.num_classes), ("nc", args.nc)):
@@ -133,7 +133,7 @@ def config_from_args(args):
     try:
         cfg = RunConfig(**fields)
     except ValidationError as exc:
-        raise GistressError(_first_error(exc), "see `gistress attack --help`") from None
+        raise GistressError(first_error(exc), "see `gistress attack --help`") from None
     if not cfg.images:
         from suite import data
         from variants.base import task_of
