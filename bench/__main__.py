@@ -26,15 +26,20 @@ DEFAULT_VARIANTS = [
 ]
 
 
+DETECTION_SIZE = 320  # detection variants are measured at 320 rather than their 640 input size
+
+
 def _spec(entry: str) -> tuple[str, dict, int | None]:
-    """``name[@imagenet|@cifar]`` -> (variant, options, size)."""
+    """``name[@imagenet|@cifar]`` -> (variant, options, size; None: the variant's input size)."""
+    import variants
+
     name, _, stem = entry.partition("@")
     opts = {}
     if stem:
         opts["stem"] = stem
     elif name.startswith(("resnet", "preact_resnet")):
         opts["stem"] = "cifar"
-    size = 320 if name.startswith("yolo") else None
+    size = DETECTION_SIZE if variants.task_of(name) == "detection" else None
     return name, opts, size
 
 

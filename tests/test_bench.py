@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.__main__ import BEGIN, END
+
+REPO = Path(__file__).resolve().parents[1]
+# bench is not installed: `python -m bench` finds it on the repository root (tests run elsewhere)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
 
 
 def test_bench_runs_and_writes_json_and_markdown_keeping_the_analysis(tmp_path):
@@ -15,7 +21,7 @@ def test_bench_runs_and_writes_json_and_markdown_keeping_the_analysis(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--variants", "lenet", "--devices", "cpu", "--reps", "1", "--iters", "3",
          "--malloc-ab", "--out", str(md), "--json-out", str(js)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, env=ENV, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(js.read_text())
@@ -32,7 +38,7 @@ def test_bench_runs_and_writes_json_and_markdown_keeping_the_analysis(tmp_path):
 
 
 def test_bench_profile_prints_the_operator_table():
-    proc = subprocess.run([sys.executable, "-m", "bench", "--profile", "lenet"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "bench", "--profile", "lenet"], capture_output=True, text=True, env=ENV,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Self CPU" in proc.stdout and "aten::" in proc.stdout
@@ -46,7 +52,7 @@ def test_parity_smoke_both_engines_agree_at_the_start_and_return_finite_images(t
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "parity", "--iterations", "2", "--seeds", "0", "--results", str(rows),
          "--out", str(md), "--figure", str(fig), "--json-out", str(js)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, env=ENV, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(js.read_text())
@@ -62,7 +68,7 @@ def test_parity_smoke_both_engines_agree_at_the_start_and_return_finite_images(t
 
 def test_parity_refuses_an_unknown_case_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "bench", "parity", "--cases", "resnet99"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 2 and "unknown case 'resnet99'" in proc.stderr
 
 
@@ -71,7 +77,7 @@ def test_cli_bench_writes_startup_and_dlg_rows(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "cli", "--iterations", "3", "--reps", "1", "--loads", "0",
          "--out", str(md), "--json-out", str(js)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, env=ENV, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(js.read_text())

@@ -16,7 +16,8 @@ from torch import nn
 
 import variants
 from suite import data
-from suite.attack.attacker import Attacker, _vmappable_batch_norm
+from suite.attack.attacker import Attacker
+from suite.attack.batched_bn import vmappable_batch_norm
 from suite.attack.objectives import UpdateMatcher
 from suite.config import AttackSpec, parse_attack
 from suite.data.batch import Batch
@@ -85,7 +86,7 @@ def test_batched_objective_gradient_matches_sequential_in_train_mode_bn_with_bn_
         expected.append(torch.autograd.grad(total, [x])[0])
     xs = starts.clone().requires_grad_(True)
     functional = (dict(zip(att.names, att.params)), dict(att.model.named_buffers()))
-    with _vmappable_batch_norm(att.model):
+    with vmappable_batch_norm(att.model):
         totals, parts = torch.func.vmap(lambda x: att._objective(x, att.labels, False, functional=functional))(xs)
     assert "bn_prior" in parts and parts["bn_prior"].shape == (2,)
     got = torch.autograd.grad(totals.sum(), [xs])[0]
@@ -109,7 +110,7 @@ def test_vmapped_train_mode_batch_norm_double_backward_is_exact_in_float64():
         return -sum((g * t).sum() for g, t in zip(grads, target))
 
     xs = torch.randn(3, 2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
-    with _vmappable_batch_norm(net):
+    with vmappable_batch_norm(net):
         expected = torch.stack([torch.autograd.grad(match(torch.autograd.grad(
             F.cross_entropy(net(xs[r]), labels), list(params.values()), create_graph=True)), [xs])[0][r]
             for r in range(3)])

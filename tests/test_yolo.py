@@ -12,10 +12,10 @@ from torch import nn
 import suite  # noqa: F401  (offline defaults before ultralytics)
 from suite.data.batch import Batch
 from suite.errors import GistressError
+from suite.model.batchnorm import frozen_bn_stats
 from suite.model.detection import (
     detection_loss,
     eval_mode_requires_calibration,
-    frozen_bn_stats,
     make_criterion,
     set_bn_mode,
     targets_for,

@@ -2,26 +2,23 @@
 
 Named families live one per module (``resnet``, ``convnet``, ``lenet``, ``modern``, ``yolo``);
 ``timm:<name>`` and ``torchvision:<name>`` build anything else through those libraries.
+``parse_variant_name`` is the one parser of those names and ``task_of`` the one rule for a name's
+task; checkpoint files are read by ``variants.checkpoint.read_checkpoint`` (one trust rule).
 """
 
 from __future__ import annotations
 
-import importlib
-
 import suite  # noqa: F401  (offline defaults before torch-adjacent imports)
-from variants.base import Variant, VariantEntry, entries, lookup, register  # noqa: F401
-
-_FAMILIES = ("resnet", "convnet", "lenet", "modern", "yolo")
-_loaded = False
-
-
-def _load_families() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for fam in _FAMILIES:
-        importlib.import_module(f"variants.{fam}")
+from variants.base import (  # noqa: F401  (the package's public names)
+    Variant,
+    VariantEntry,
+    VariantName,
+    entries,
+    lookup,
+    parse_variant_name,
+    register,
+    task_of,
+)
 
 
 def build(
@@ -45,7 +42,7 @@ def build(
 
     W.check_weights_spec(weights)
     torch.manual_seed(seed)
-    if name.startswith(("timm:", "torchvision:")):
+    if parse_variant_name(name).external:
         from variants.external import build_external
 
         variant = build_external(name, pretrained=(weights == "pretrained"), **options)

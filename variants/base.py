@@ -6,10 +6,11 @@ options it declares; unknown options are an error naming the valid ones.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +24,33 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+# the family modules that register named variants, in listing order
+FAMILIES = ("resnet", "convnet", "lenet", "modern", "yolo")
+# libraries whose every classifier builds as ``<library>:<model>``
+EXTERNAL_LIBRARIES = ("timm", "torchvision")
+
+
+class VariantName(NamedTuple):
+    """A parsed variant name: ``library`` is ``timm``/``torchvision`` for an external model (then
+    ``model`` is that library's name for it) and None for a registry name (``model`` is the name)."""
+
+    library: str | None
+    model: str
+
+    @property
+    def external(self) -> bool:
+        """Whether the name is ``timm:<model>``/``torchvision:<model>`` rather than a registry name."""
+        return self.library is not None
+
+
+def parse_variant_name(name: str) -> VariantName:
+    """The one parser of variant names: ``timm:<model>`` and ``torchvision:<model>`` are external
+    models; any other name (one with another prefix included) is a registry name, as it is."""
+    library, sep, model = name.partition(":")
+    if sep and library in EXTERNAL_LIBRARIES:
+        return VariantName(library, model)
+    return VariantName(None, name)
 
 
 class Normalized(nn.Module):
@@ -58,6 +86,7 @@ class Variant:
 
     @property
     def num_params(self) -> int:
+        """Number of parameters of the model (trainable or not)."""
         return sum(p.numel() for p in self.model.parameters())
 
     def to_normalized(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,11 +121,22 @@ class VariantEntry:
     defaults: dict = field(default_factory=dict)
 
     def option_names(self) -> list[str]:
+        """The options the builder declares (its keyword parameters but ``name``)."""
         sig = inspect.signature(self.builder)
         return [p for p in sig.parameters if p != "name"]
 
 
 _REGISTRY: dict[str, VariantEntry] = {}
+_families_loaded = False
+
+
+def _load_families() -> None:
+    global _families_loaded
+    if _families_loaded:
+        return
+    _families_loaded = True
+    for fam in FAMILIES:
+        importlib.import_module(f"variants.{fam}")
 
 
 def register(name: str, task: Task, input_size: int, description: str = "", **defaults):
@@ -111,11 +151,9 @@ def register(name: str, task: Task, input_size: int, description: str = "", **de
 
 def entries() -> dict[str, VariantEntry]:
     """All registered variants, by name (families are imported on first use)."""
-    from variants import _FAMILIES, _load_families
-
     _load_families()
     # family order, whatever order the family modules happened to be imported in
-    rank = {f"variants.{fam}": i for i, fam in enumerate(_FAMILIES)}
+    rank = {f"variants.{fam}": i for i, fam in enumerate(FAMILIES)}
     order = sorted(_REGISTRY.values(), key=lambda e: rank.get(e.builder.__module__, len(rank)))
     return {e.name: e for e in order}
 
@@ -134,8 +172,10 @@ def lookup(name: str) -> VariantEntry:
 
 
 def task_of(name: str) -> Task:
-    """The task of a variant name (``timm:``/``torchvision:`` models are classifiers)."""
-    if name.startswith(("timm:", "torchvision:")):
+    """The one rule for the task of a variant name, without building it: ``timm:``/
+    ``torchvision:`` models are classifiers, a registry name has its entry's task (an unknown
+    name is a GistressError with close matches). A built Variant's ``task`` agrees with it."""
+    if parse_variant_name(name).external:
         return "classification"
     return lookup(name).task
 

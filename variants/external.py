@@ -7,7 +7,7 @@ wrapped so that it takes [0, 1] images like every other classification variant.
 from __future__ import annotations
 
 from suite.errors import GistressError, close_matches
-from variants.base import IMAGENET_MEAN, IMAGENET_STD, Variant, classifier
+from variants.base import IMAGENET_MEAN, IMAGENET_STD, Variant, classifier, parse_variant_name
 
 
 def _unknown(library: str, model_name: str, known) -> GistressError:
@@ -99,7 +99,7 @@ def build_external(name: str, pretrained: bool = False, **options) -> Variant:
     weights' transforms (torchvision; 224 and ImageNet statistics otherwise). ``pretrained``
     loads from the local caches only, with a GistressError naming the path on a miss.
     """
-    library, _, model_name = name.partition(":")
+    library, model_name = parse_variant_name(name)
     if library == "timm":
         return _build_timm(name, model_name, pretrained, options)
     if library == "torchvision":

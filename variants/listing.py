@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from variants.base import Variant, VariantEntry, entries, lookup
+from variants.base import Variant, VariantEntry, entries, lookup, parse_variant_name
 
 CATALOGUE = Path(__file__).with_name("catalogue.json")
 
@@ -30,7 +30,8 @@ def _build_cheaply(build) -> Variant:
 def describe(name_or_entry: str | VariantEntry) -> dict:
     """``dict(name, task, params, input_size, description)`` for a registered variant (default
     options) or a ``timm:<model>`` / ``torchvision:<model>`` name."""
-    if isinstance(name_or_entry, str) and name_or_entry.startswith(("timm:", "torchvision:")):
+    parsed = parse_variant_name(name_or_entry) if isinstance(name_or_entry, str) else None
+    if parsed is not None and parsed.external:
         from variants.external import build_external
 
         variant = _build_cheaply(lambda: build_external(name_or_entry))
@@ -39,7 +40,7 @@ def describe(name_or_entry: str | VariantEntry) -> dict:
             task=variant.task,
             params=variant.num_params,
             input_size=variant.input_size,
-            description=f"external {name_or_entry.split(':', 1)[0]} model",
+            description=f"external {parsed.library} model",
         )
     entry = lookup(name_or_entry) if isinstance(name_or_entry, str) else name_or_entry
     variant = _build_cheaply(lambda: entry.builder(name=entry.name, **entry.defaults))

@@ -9,14 +9,15 @@ to try the network.
 from __future__ import annotations
 
 import os
-import pickle
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from suite.errors import GistressError, close_matches
-from variants.base import Normalized, Variant
+from suite.model.batchnorm import modes_restored, named_bn_layers
+from variants.base import Normalized, Variant, parse_variant_name
+from variants.checkpoint import read_checkpoint
 
 WEIGHT_KINDS = ("random", "calibrated", "pretrained")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict")
@@ -131,7 +132,7 @@ def _load_timm(net: nn.Module, ident: str, num_classes: int) -> None:
 
 def _load_torchvision(variant: Variant, model_name: str) -> None:
     _, path = torchvision_checkpoint(model_name)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)  # a library's own published weights: tensors only
     _load_state(variant, state, source=path, new_head_ok=True)
 
 
@@ -161,7 +162,7 @@ def load_pretrained(variant: Variant) -> Variant:
             f"no pretrained weights exist for {variant.name} with {shown or 'its defaults'}",
             "use weights=random or weights=calibrated, or weights=file:<path> for your own checkpoint",
         )
-    library, _, ident = source.partition(":")
+    library, ident = parse_variant_name(source)  # a pretrained source is spelt like an external variant
     if library == "torchvision":
         _load_torchvision(variant, ident)
     elif library == "timm":
@@ -267,35 +268,17 @@ def load_file(variant: Variant, path: str, trust_checkpoint: bool = False) -> Va
 
     The file may hold a state_dict (with or without the ``net.`` prefix of the [0, 1] wrapper),
     a dict with ``state_dict`` / ``model`` / ``model_state``, or, with ``trust_checkpoint``, a
-    pickled module. Detection variants load through ``variants.yolo.load_checkpoint``.
+    pickled module; it is read by ``variants.checkpoint.read_checkpoint`` (``weights_only=True``
+    unless trusted). Detection variants load through ``variants.yolo.load_checkpoint``.
     """
     path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise GistressError(f"weights file not found: {path}", "check the path in weights=file:<path>")
     if variant.task == "detection":
         from variants import yolo
 
         yolo.load_checkpoint(variant, path, trust_checkpoint)
         variant.weights = f"file:{path}"
         return variant
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
-    except pickle.UnpicklingError as exc:
-        # torch's weights-only unpickler names the first non-allowed class as a "global";
-        # any other complaint means the file is not a (readable) torch checkpoint at all
-        if trust_checkpoint or "global" not in str(exc).lower():
-            raise GistressError(
-                f"cannot read checkpoint {path}: not a readable torch.save file", "check the file"
-            ) from None
-        raise GistressError(
-            f"checkpoint {path} holds Python objects beyond tensors and needs full unpickling, "
-            "which can run arbitrary code",
-            "pass --trust-checkpoint (trust_checkpoint=True) only for files you trust",
-        ) from None
-    except Exception as exc:  # truncated, not a torch file, ...
-        raise GistressError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}", "check that it was saved with torch.save"
-        ) from None
+    obj = read_checkpoint(path, trust_checkpoint)
     _load_state(variant, _extract_state(obj, path), source=path)
     variant.weights = f"file:{path}"
     return variant
@@ -346,28 +329,26 @@ def calibrate_bn(
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise GistressError(f"calibration batches={batches!r} must be a positive integer", "use e.g. 4")
     model = variant.model
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for _, m in named_bn_layers(model) if m.track_running_stats]
     if bns:
         param = next(model.parameters(), None)
         device = param.device if param is not None else images.device
         n = views or max(len(images), 8)
-        modes = {m: m.training for m in model.modules()}
         momenta = [m.momentum for m in bns]
         gen = torch.Generator().manual_seed(seed)
-        try:
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative moving average over all calibration batches
-            model.train()
-            # fork the RNG so dropout during calibration neither depends on nor moves global state
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                for _ in range(batches):
-                    model(_augment(images.detach().float().cpu(), n, gen).to(device))
-        finally:
-            for m, mom in zip(bns, momenta):
-                m.momentum = mom
-            for m, mode in modes.items():
-                m.training = mode
+        with modes_restored(model):
+            try:
+                for m in bns:
+                    m.reset_running_stats()
+                    m.momentum = None  # cumulative moving average over all calibration batches
+                model.train()
+                # fork the RNG so dropout during calibration neither depends on nor moves global state
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    for _ in range(batches):
+                        model(_augment(images.detach().float().cpu(), n, gen).to(device))
+            finally:
+                for m, mom in zip(bns, momenta):
+                    m.momentum = mom
     variant.weights = "calibrated"
     return variant

@@ -14,7 +14,6 @@ when the comparison is made by ``parse_model`` itself; everywhere else they are 
 
 from __future__ import annotations  # noqa: I001  (suite must be imported before ultralytics)
 
-import pickle
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 import suite  # noqa: F401  (YOLO_OFFLINE before ultralytics is imported)
 from suite.errors import GistressError
 from variants.base import IDENTITY_NORM, Variant, register
+from variants.checkpoint import read_checkpoint
 
 from ultralytics.nn import tasks as _tasks
 from ultralytics.nn.modules.block import C2f
@@ -283,55 +283,19 @@ def _state_from_object(obj, path: Path) -> dict:
     )
 
 
-def _unreadable(path: Path, err: Exception) -> GistressError:
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return GistressError(f"{path} is not a readable torch checkpoint ({detail[:120]})",
-                         "pass a file written by torch.save (a state_dict or an ultralytics .pt)")
-
-
-def _needs_trust(path: Path, err: Exception) -> GistressError:
-    hint = "pass --trust-checkpoint (only for files you trust), or save model.state_dict() instead"
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint: nothing to inspect
-        unsafe = []
-    if unsafe:
-        return GistressError(
-            f"{path} is a pickled checkpoint holding Python objects ({', '.join(unsafe[:2])}, ...); "
-            "loading it can run arbitrary code", hint)
-    detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-    return GistressError(f"{path} cannot be loaded with weights_only=True ({detail})", hint)
-
-
-def _torch_load(path: Path, trust_checkpoint: bool):
-    """``weights_only=True`` first; full unpickling only when the file needs it and the user trusts it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not trust_checkpoint:
-            raise _needs_trust(path, err) from err
-    except Exception as err:  # torch raises KeyError/RuntimeError/EOFError on files it cannot parse
-        raise _unreadable(path, err) from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise _unreadable(path, err) from err
-
-
 def load_checkpoint(variant: Variant, path: str | Path, trust_checkpoint: bool = False) -> Variant:
     """Load weights from ``path`` into a YOLO variant's DetectionModel (in place) and return the variant.
 
-    A plain state_dict loads with ``weights_only=True``. An ultralytics checkpoint (a pickled dict whose
-    "model"/"ema" is a DetectionModel) needs full unpickling, which can run arbitrary code, so it is
-    loaded only with ``trust_checkpoint=True``. Class-count and architecture mismatches are errors.
+    The file is read by ``variants.checkpoint.read_checkpoint``: a plain state_dict loads with
+    ``weights_only=True``; an ultralytics checkpoint (a pickled dict whose "model"/"ema" is a
+    DetectionModel) needs full unpickling, which can run arbitrary code, so it is loaded only with
+    ``trust_checkpoint=True``. Class-count and architecture mismatches are errors.
     """
     if variant.task != "detection" or not hasattr(variant.model, "init_criterion"):
         raise GistressError(f"'{variant.name}' is not a YOLO detection variant",
                             "load ultralytics checkpoints into yolov8n (or its basicblock/preact variants)")
     path = Path(path)
-    if not path.is_file():
-        raise GistressError(f"checkpoint {path} does not exist", "check the path in weights=file:<path>")
-    obj = _torch_load(path, trust_checkpoint)
+    obj = read_checkpoint(path, trust_checkpoint)
     state = _state_from_object(obj, path)
     model = variant.model
     own = model.state_dict()

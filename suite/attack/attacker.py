@@ -3,6 +3,10 @@
 One engine for every task: the task loss (classification cross-entropy or the YOLOv8 detection
 loss) is the only difference. Restarts are chosen by final matching loss; scoring against the
 target happens outside, after reconstruction.
+
+Here: the server's model copy, the objective (candidate update, matching loss, priors), labels,
+the candidate space and the restarts. The descent loop is ``suite/attack/descent.py``; batch
+normalization under vmap (batched restarts) is ``suite/attack/batched_bn.py``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from torch import nn
 from torch.func import functional_call
 
 from suite.attack.allocator import tune_allocator
+from suite.attack.batched_bn import own_forward_bn_layers, vmappable_batch_norm
 from suite.attack.convgrad import use_grouped_conv_derivative
-from suite.attack.objectives import BNStatHooks, UpdateMatcher, bn_prior, total_variation
+from suite.attack.descent import all_diverged, descend
+from suite.attack.inits import random_init
+from suite.attack.objectives import UpdateMatcher, bn_input_stats, bn_prior, total_variation
 from suite.config import AttackSpec
 from suite.errors import DivergenceError, GistressError
-from suite.model.bnstats import named_bn_layers
-from suite.model.tasks import ClassificationLoss, DetectionLoss, freeze_running_stats, set_mode
+from suite.model.batchnorm import BNCapture, freeze_bn_stats, named_bn_layers
+from suite.model.tasks import ClassificationLoss, DetectionLoss, set_mode
 from suite.results import Reconstruction
 from suite.threat.client import Observation, local_schedule, trainable
 
@@ -40,16 +47,6 @@ def math_attention():
         return contextlib.nullcontext()
 
 
-def random_init(shape, normalization, distribution: str, generator: torch.Generator) -> torch.Tensor:
-    """A random start in pixel space: ``randn`` draws N(0, 1) in the network's normalized space
-    (DLG's start), ``uniform`` draws U(0, 1) pixels."""
-    if distribution == "uniform":
-        return torch.rand(shape, generator=generator)
-    mean = torch.tensor(normalization[0]).view(1, -1, 1, 1)
-    std = torch.tensor(normalization[1]).view(1, -1, 1, 1)
-    return torch.randn(shape, generator=generator) * std + mean
-
-
 class Attacker:
     """Reconstructs the client's images from an Observation under an AttackSpec."""
 
@@ -62,7 +59,7 @@ class Attacker:
         self.seed = seed
         if self.device.type == "cpu":
             tune_allocator()  # otherwise every CPU iteration page-faults its gradient buffers in
-        self.model_for_momentum = variant.model  # BN momentum as sent (our copy is frozen to 0)
+        self.model_for_momentum = variant.model  # BN momentum as sent (our copy's BN is frozen)
         self.model = self._server_model()
         self.names, self.params = trainable(self.model)
         if self.names != obs.param_names:
@@ -71,7 +68,8 @@ class Attacker:
         self.target_update = [u.to(self.device) for u in obs.update]
         self.matcher = UpdateMatcher(self.target_update, self.names, spec.objective, spec.layer_weights)
         self.bn_reference = self._bn_reference()
-        self.hooks = BNStatHooks(self.model) if (spec.bn_prior or 0) > 0 else None
+        # the BN prior's statistics: each BN layer's input at the latest forward
+        self.hooks = BNCapture(self.model, bn_input_stats) if (spec.bn_prior or 0) > 0 else None
         self.inferred_labels: torch.Tensor | None = None
         self.labels = self._labels()
         self.batches_restarts(spec.restarts)  # restart_mode=batched where it cannot: fail now
@@ -83,7 +81,7 @@ class Attacker:
         model.to(self.device)
         use_grouped_conv_derivative(model)  # same values; a cheaper double backward (suite/attack/convgrad.py)
         set_mode(model, self.obs.task, self.obs.threat.bn_mode)
-        freeze_running_stats(model)  # the attacker's forwards must not drift the statistics
+        freeze_bn_stats(model)  # the attacker's forwards must not drift the statistics
         return model
 
     def _bn_layers(self) -> list[nn.Module]:
@@ -230,7 +228,7 @@ class Attacker:
             parts["tv"] = tv
             total = total + spec.tv * tv
         if self.hooks is not None and self.bn_reference is not None:
-            bnp = bn_prior(self.hooks.stats, self.bn_reference)
+            bnp = bn_prior(self.hooks.values(), self.bn_reference)
             parts["bn_prior"] = bnp
             total = total + spec.bn_prior * bnp
         parts["total"] = total
@@ -253,7 +251,7 @@ class Attacker:
             return "L-BFGS line-searches each restart on its own"
         if self.obs.threat.update == "fedavg" and self.obs.training is not None:
             return "the unrolled FedAvg steps use autograd.grad, which vmap cannot batch"
-        odd = [type(m).__name__ for m in _train_mode_bn(self.model) if not _plain_bn(m)]
+        odd = [type(m).__name__ for m in own_forward_bn_layers(self.model)]
         if odd:
             return f"train-mode {odd[0]} layers have their own forward, which vmap cannot batch correctly"
         return None
@@ -342,7 +340,7 @@ class Attacker:
                 histories.append(run.history)
                 label_sets.append(_labels_of(run.loss_fn))
         if all(f is not None for f in failures):
-            raise _all_diverged(failures)
+            raise all_diverged(failures)
         chosen = min(range(len(losses)), key=lambda i: losses[i])
         labels = label_sets[chosen]
         diverged = "; ".join(f"restart {r}: {f.message}" for r, f in enumerate(failures) if f is not None)
@@ -376,8 +374,8 @@ class Attacker:
             values = {k: float(v.detach()) for k, v in parts.items()}
             history.append(_record(step, values, self.to_pixels(z.detach()), callback))
 
-        outcome = self._descend([z] + extra, lambda: self._objective(self.to_pixels(z), loss_fn, control, z),
-                                log, batched=False)
+        outcome = descend(self.spec, [z] + extra, lambda: self._objective(self.to_pixels(z), loss_fn, control, z),
+                          log, self.box(), batched=False)
         best = outcome.variables
         if extra:
             loss_fn = ClassificationLoss(soft_logits=best[1])
@@ -416,101 +414,13 @@ class Attacker:
                 histories[r].append(_record(step, {k: v[r] for k, v in values.items()},
                                             self.to_pixels(z[r].detach()), callback))
 
-        with _vmappable_batch_norm(self.model):
-            outcome = self._descend([z] + ([soft] if soft is not None else []), objective, log, batched=True)
+        with vmappable_batch_norm(self.model):
+            outcome = descend(self.spec, [z] + ([soft] if soft is not None else []), objective, log, self.box(),
+                              batched=True)
         best = outcome.variables
         if soft is not None:
             loss_fns = [ClassificationLoss(soft_logits=best[1][r]) for r in range(n)]
         return [_Run(best[0][r], histories[r], loss_fns[r], outcome.failures[r]) for r in range(n)]
-
-    def _milestones(self) -> list[int]:
-        """Step-decay points as both references compute them (N//2.667, N//1.6, N//1.142)."""
-        n = self.spec.iterations
-        return [int(n // f) for f in (2.667, 1.6, 1.142)] if self.spec.decay else []
-
-    def _descend(self, variables: list[torch.Tensor], objective, log, batched: bool) -> _Descent:
-        """``spec.iterations`` steps of Adam (signed, step decay) or L-BFGS on ``variables``
-        (the candidate first; with ``batched`` every variable has a leading restart dimension).
-
-        Tracks, per restart, the iterate with the lowest objective (``keep=best``), boxes the
-        candidate after each step (``clamp``), and stops a restart at the step where its values
-        turn NaN/inf, restoring its best iterate. ``log(step, parts)`` every ``log_interval`` steps.
-        """
-        spec = self.spec
-        x = variables[0]
-        iters = spec.iterations
-        if spec.optimizer == "lbfgs":
-            opt = torch.optim.LBFGS(variables, lr=spec.lr)
-            sched = None
-        else:
-            opt = torch.optim.Adam(variables, lr=spec.lr)
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self._milestones(), gamma=0.1)
-        lo, hi = self.box()
-        rows = (lambda t: t) if batched else (lambda t: t.unsqueeze(0))  # [R, ...] views
-        n = rows(x).shape[0]
-        best = [rows(v.detach()).clone() for v in variables]
-        best_val = torch.full((n,), math.inf, device=x.device)
-        failures: list[DivergenceError | None] = [None] * n
-        alive = torch.ones(n, dtype=torch.bool, device=x.device)
-        last_parts: dict[str, torch.Tensor] = {}
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            total, parts = objective()
-            if total.requires_grad:
-                # only the optimized variables: a bare backward() would also push second-order
-                # terms into every model parameter (measured 25 % of a ResNet18 iteration)
-                total.backward(inputs=variables)
-            if spec.signed and x.grad is not None:
-                x.grad.sign_()
-            last_parts.update(parts)
-            return total
-
-        def remember(values: torch.Tensor, current: list[torch.Tensor]) -> None:
-            better = alive & torch.isfinite(values) & (values < best_val)
-            if bool(better.any()):
-                best_val[better] = values[better]
-                for b, v in zip(best, current):
-                    b[better] = v[better]
-
-        for step in range(iters):
-            if spec.optimizer == "lbfgs":
-                before = [rows(v.detach()).clone() for v in variables]
-                first = opt.step(closure)  # the first evaluation is at the pre-step iterate
-                remember(first.detach().reshape(1), before)
-            else:
-                closure()
-                remember(last_parts["total"].detach().reshape(-1), [rows(v.detach()) for v in variables])
-                opt.step()
-                sched.step()
-            if spec.clamp:
-                with torch.no_grad():
-                    torch.max(torch.min(x, hi), lo, out=x)
-            bad = _non_finite(step, last_parts, rows(x.detach()), n)  # every step: exact step reported
-            if bad:
-                for r, err in bad.items():
-                    if failures[r] is None:
-                        failures[r] = err
-                        alive[r] = False
-                if not bool(alive.any()):
-                    break
-                with torch.no_grad():  # a diverged restart (batched) rests at its best iterate
-                    for v, b in zip(variables, best):
-                        rows(v)[~alive] = b[~alive]
-            if step % spec.log_interval == 0 or step == iters - 1:
-                log(step, last_parts)
-        if spec.keep == "best" and bool(alive.any()):
-            _, parts = objective()  # the final iterate is a candidate too
-            remember(parts["total"].detach().reshape(-1), [rows(v.detach()) for v in variables])
-        if spec.keep == "last":
-            for v, b in zip(variables, best):
-                b[alive] = rows(v.detach())[alive]
-        else:
-            never = alive & ~torch.isfinite(best_val)  # no finite objective seen: keep the last
-            for v, b in zip(variables, best):
-                b[never] = rows(v.detach())[never]
-        out = best if batched else [b[0] for b in best]
-        return _Descent(out, failures)
 
 
 @dataclass
@@ -521,12 +431,6 @@ class _Run:
     history: list[dict]
     loss_fn: object
     failure: DivergenceError | None
-
-
-@dataclass
-class _Descent:
-    variables: list[torch.Tensor]
-    failures: list[DivergenceError | None]
 
 
 def _labels_of(loss_fn) -> torch.Tensor | None:
@@ -547,70 +451,3 @@ def _record(step: int, values: dict[str, float], x: torch.Tensor, callback) -> d
         if extra_metrics:
             record.update(extra_metrics)
     return record
-
-
-def _train_mode_bn(model: nn.Module) -> list[nn.Module]:
-    return [m for _, m in named_bn_layers(model) if m.training]
-
-
-def _plain_bn(m: nn.Module) -> bool:
-    return type(m).forward is nn.modules.batchnorm._BatchNorm.forward
-
-
-@contextlib.contextmanager
-def _vmappable_batch_norm(model: nn.Module):
-    """Train-mode BN layers as their composite formula while restarts are vmapped.
-
-    The fused op cannot run under vmap with running-stat buffers (an in-place update of a
-    batched input), and without them its double backward under vmap is wrong: 0.3-0.5 %
-    relative error in float64 against finite differences, while the composite mean/var formula
-    agrees to 1e-16 (functorch issue #534, still open). Buffers are left untouched.
-    """
-    layers = _train_mode_bn(model)
-    for m in layers:
-        m.forward = _composite_bn_forward(m)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
-def _composite_bn_forward(m: nn.Module):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + m.eps)
-        if m.affine:
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            y = y * m.weight.view(shape) + m.bias.view(shape)
-        return y
-
-    return forward
-
-
-def _non_finite(step: int, parts: dict[str, torch.Tensor], x: torch.Tensor, n: int) -> dict[int, DivergenceError]:
-    """Restarts (rows of ``x``, entries of each part) whose values went NaN/inf at ``step``, each
-    with an error naming what did. One device sync per step in the common case."""
-    values = [v.detach().float().reshape(-1).expand(n) for v in parts.values()]
-    stacked = torch.stack(values) if values else x.new_zeros((0, n))
-    ok = torch.isfinite(stacked).all(0) & torch.isfinite(x.reshape(n, -1)).all(1)
-    if bool(ok.all()):
-        return {}
-    out = {}
-    for r in (~ok).nonzero().flatten().tolist():
-        bad = [f"{k}={float(v[r]):g}" for k, v in zip(parts, values) if not bool(torch.isfinite(v[r]))]
-        pixels = int((~torch.isfinite(x[r])).sum())
-        if pixels:
-            bad.append(f"{pixels} image value(s) NaN/inf")
-        out[r] = DivergenceError(f"the attack diverged at step {step}: {', '.join(bad)}", step=step)
-    return out
-
-
-def _all_diverged(failures: list[DivergenceError]) -> DivergenceError:
-    """The error when no restart survived: the first failure, with the others counted."""
-    first = min(failures, key=lambda f: f.step)
-    if len(failures) == 1:
-        return first
-    return DivergenceError(f"every restart ({len(failures)}) diverged; first: {first.message}", step=first.step)

@@ -1,5 +1,6 @@
-"""Attacker start images. ``noisy_target`` derives the start from the target: it is built by the
-caller (the runner), handed to the attacker as an explicit init, and tagged as an oracle."""
+"""Attacker start images. ``random_init`` draws the seeded random starts the attacker makes itself;
+``noisy_target`` derives the start from the target: it is built by the caller (the runner), handed
+to the attacker as an explicit init, and tagged as an oracle."""
 
 from __future__ import annotations
 
@@ -8,6 +9,16 @@ from pathlib import Path
 import torch
 
 from suite.errors import GistressError
+
+
+def random_init(shape, normalization, distribution: str, generator: torch.Generator) -> torch.Tensor:
+    """A random start in pixel space: ``randn`` draws N(0, 1) in the network's normalized space
+    (DLG's start), ``uniform`` draws U(0, 1) pixels."""
+    if distribution == "uniform":
+        return torch.rand(shape, generator=generator)
+    mean = torch.tensor(normalization[0]).view(1, -1, 1, 1)
+    std = torch.tensor(normalization[1]).view(1, -1, 1, 1)
+    return torch.randn(shape, generator=generator) * std + mean
 
 
 def noisy_target(images: torch.Tensor, normalization, *, p: float | None, sigma: float | None,

@@ -9,9 +9,6 @@ from __future__ import annotations
 import fnmatch
 
 import torch
-from torch import nn
-
-from suite.model.bnstats import named_bn_layers
 
 
 def layer_weight_vector(names: list[str], patterns: dict[str, float]) -> list[float]:
@@ -117,36 +114,11 @@ def total_variation(x: torch.Tensor, kind: str = "interior") -> torch.Tensor:
     return dx + dy
 
 
-class BNStatHooks:
-    """Captures the batch mean/variance at every BatchNorm input during a forward pass.
-
-    ``stats`` is in module-registration order (the order of ``model.modules()``), whatever order
-    the layers execute in (YOLO's C2f registers its output conv before its bottlenecks).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.layers = [m for _, m in named_bn_layers(model)]
-        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
-
-    def _hook(self, index: int):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            dims = [0] + list(range(2, x.dim()))
-            self._captured[index] = (x.mean(dims), x.var(dims, unbiased=False))
-
-        return hook
-
-    @property
-    def stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [self._captured[i] for i in range(len(self.layers)) if i in self._captured]
-
-    def clear(self) -> None:
-        self._captured = {}
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+def bn_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a BN layer's input, differentiable: what the BN
+    prior compares (recorded at every BN layer by ``suite.model.batchnorm.BNCapture``)."""
+    dims = [0] + list(range(2, x.dim()))
+    return x.mean(dims), x.var(dims, unbiased=False)
 
 
 def bn_prior(stats: list[tuple[torch.Tensor, torch.Tensor]],

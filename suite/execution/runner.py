@@ -129,7 +129,7 @@ def prepare_setting(cfg: RunConfig) -> Prepared:
     torch.manual_seed(cfg.seed)
     variant, batch, calibrated_on = build_and_load(cfg)
     # the threat model against this batch (labels in range, boxes shared for detection)
-    Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes)._validate(batch)
+    Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes).validate(batch)
     inits = make_inits(cfg, variant, batch)  # reads --init-file; seeded, no global RNG
     return Prepared(device=device, variant=variant, batch=batch, calibrated_on=calibrated_on, inits=inits,
                     started=t0)

@@ -23,19 +23,9 @@ import torch
 from torch import nn
 
 from suite.errors import GistressError
+from suite.model.batchnorm import BNCapture, frozen_bn_stats, modes_restored, named_bn_layers
 
 Stats = list[tuple[str, torch.Tensor, torch.Tensor]]
-
-
-def named_bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """Every BatchNorm layer (any dimension, subclasses included) with its name, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    if not isinstance(model, nn.Module):
-        raise GistressError(f"expected a torch.nn.Module, got {type(model).__name__}", "pass the model")
-    return named_bn_layers(model)
 
 
 def has_bn(model: nn.Module) -> bool:
@@ -47,7 +37,7 @@ def running_stats(model: nn.Module) -> Stats:
     """``(name, running_mean, running_var)`` clones for every BN layer that tracks running stats."""
     return [
         (name, m.running_mean.detach().clone(), m.running_var.detach().clone())
-        for name, m in _bn_layers(model)
+        for name, m in named_bn_layers(model)
         if m.running_mean is not None and m.running_var is not None
     ]
 
@@ -59,7 +49,7 @@ def bn_momentum(model: nn.Module) -> float:
     Libraries differ (torchvision keeps 0.1, ultralytics sets 0.03), so read it from the model
     rather than assuming the default.
     """
-    values = {m.momentum for _, m in _bn_layers(model) if m.track_running_stats}
+    values = {m.momentum for _, m in named_bn_layers(model) if m.track_running_stats}
     if not values:
         raise GistressError("the model has no BN layer that tracks running statistics",
                             "BN-statistics threat levels need BatchNorm layers with running stats")
@@ -149,58 +139,15 @@ def recover_batch_stats(
     return out
 
 
-class _Capture:
-    """Forward pre-hooks on every BN layer that record each layer's input once."""
-
-    def __init__(self, model: nn.Module, fn):
-        self.layers = _bn_layers(model)
-        self.seen: dict[str, list] = {name: [] for name, _ in self.layers}
-        self.fn = fn
-        self.handles = []
-
-    def __enter__(self):
-        for name, mod in self.layers:
-            self.handles.append(mod.register_forward_pre_hook(
-                lambda _m, args, name=name: self.seen[name].append(self.fn(args[0]))))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def results(self) -> list[tuple[str, object]]:
-        out = []
-        for name, _ in self.layers:
-            calls = self.seen[name]
-            if len(calls) > 1:
-                raise GistressError(
-                    f"BN layer '{name}' ran {len(calls)} times in one forward pass",
-                    "per-layer statistics are ambiguous for a reused BN module",
-                )
-            if calls:  # layers the forward pass never reached are left out
-                out.append((name, calls[0]))
-        return out
-
-
 def forward_untouched(model: nn.Module, x: torch.Tensor, train: bool):
     """``model(x)`` without gradients in train or eval mode, leaving the model as it was.
 
-    BN buffers (running stats, ``num_batches_tracked``) and every module's train/eval flag are
-    restored afterwards. Returns the model's output.
+    BN layers are frozen for the call (running stats and ``num_batches_tracked`` are never
+    written) and every module's train/eval flag is restored afterwards. Returns the output.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    saved = [(m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None})
-             for _, m in _bn_layers(model)]
-    try:
+    with modes_restored(model), frozen_bn_stats(model), torch.no_grad():
         model.train(train)
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for m, bufs in saved:
-            for k, b in bufs.items():
-                getattr(m, k).copy_(b)
+        return model(x)
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,9 +166,9 @@ def batch_stats(model: nn.Module, images: torch.Tensor) -> Stats:
     """
     if not isinstance(images, torch.Tensor):
         raise GistressError("images must be a tensor", "pass the (B, C, H, W) batch")
-    with _Capture(model, _channel_stats) as cap:
+    with BNCapture(model, _channel_stats) as cap:
         forward_untouched(model, images, train=True)
-    return [(name, mean, var) for name, (mean, var) in cap.results()]
+    return [(name, mean, var) for name, (mean, var) in cap.named_once()]
 
 
 def count_per_channel(model: nn.Module, example: torch.Tensor | Sequence[int]) -> dict[str, int]:
@@ -240,6 +187,6 @@ def count_per_channel(model: nn.Module, example: torch.Tensor | Sequence[int]) -
         p = next(model.parameters(), None)
         example = torch.zeros(shape, device=p.device if p is not None else "cpu",
                               dtype=p.dtype if p is not None else torch.float32)
-    with _Capture(model, lambda x: x.numel() // x.shape[1]) as cap:
+    with BNCapture(model, lambda x: x.numel() // x.shape[1]) as cap:
         forward_untouched(model, example, train=False)
-    return dict(cap.results())
+    return dict(cap.named_once())

@@ -18,7 +18,6 @@ Two properties matter for gradient inversion:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 import suite  # noqa: F401  (YOLO_OFFLINE before ultralytics is imported)
 from suite.data.batch import Batch
 from suite.errors import GistressError
-from suite.model.bnstats import named_bn_layers
+from suite.model.batchnorm import frozen_bn_stats, modes_restored, named_bn_layers
 
 BnMode = Literal["train", "eval"]
 TARGET_KEYS = ("batch_idx", "cls", "bboxes")
@@ -183,25 +182,6 @@ def make_criterion(model: nn.Module, freeze_assignment: bool = False):
 # ----------------------------------------------------------------------------- BN state
 
 
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, BN layers never write their running statistics.
-
-    Train mode still normalizes with batch statistics (the gradient is unchanged); torch skips the
-    running-stat update (and num_batches_tracked) when ``track_running_stats`` is False. Eval mode keeps
-    using the stored statistics. For the attacker's many forward passes, which must not drift the
-    model state the server sent.
-    """
-    saved = [(m, m.track_running_stats) for _, m in named_bn_layers(model)]
-    try:
-        for m, _ in saved:
-            m.track_running_stats = False
-        yield model
-    finally:
-        for m, flag in saved:
-            m.track_running_stats = flag
-
-
 def uncalibrated_bn_layers(model: nn.Module) -> list[str]:
     """Names of BN layers whose running statistics are still at their initial values (mean 0, var 1)."""
     names = []
@@ -276,14 +256,10 @@ def detection_loss(
     targets = {k: targets[k].to(device=images.device, dtype=torch.float32) for k in TARGET_KEYS}
     criterion = make_criterion(model) if criterion is None else criterion
 
-    flags = [(m, m.training) for m in model.modules()]
     freeze = frozen_bn_stats(model) if (bn_mode == "eval" or not update_bn_stats) else contextlib.nullcontext()
-    try:
+    with modes_restored(model):
         set_bn_mode(model, bn_mode)  # eval BN still gets the head's training-format outputs
         with freeze:
             preds = model(images)
         loss_vec, _items = criterion(preds, targets)  # (box, cls, dfl) * gains * batch size
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return loss_vec.sum()

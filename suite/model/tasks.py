@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from suite.model.bnstats import named_bn_layers
-
 
 def set_mode(model: nn.Module, task: str, bn_mode: str) -> None:
     """Train mode (batch statistics) or eval mode (running statistics) as the client runs it."""
@@ -22,12 +20,6 @@ def set_mode(model: nn.Module, task: str, bn_mode: str) -> None:
         set_bn_mode(model, bn_mode)
         return
     model.train(bn_mode == "train")
-
-
-def freeze_running_stats(model: nn.Module) -> None:
-    """Momentum 0: train-mode forwards no longer move the running statistics (attacker copies)."""
-    for _, m in named_bn_layers(model):
-        m.momentum = 0.0
 
 
 class ClassificationLoss:

@@ -84,7 +84,7 @@ class Client:
     def share(self, batch: Batch) -> Observation:
         """Run the client's round on ``batch`` and return the Observation (the server's view)."""
         threat = self.threat
-        self._validate(batch)
+        self.validate(batch)
         server_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         model = copy.deepcopy(self.model)  # the device's copy; the server's stays as sent
         set_mode(model, self.task, threat.bn_mode)
@@ -150,7 +150,10 @@ class Client:
             obs.grants["training"] = "known"
         return obs
 
-    def _validate(self, batch: Batch) -> None:
+    def validate(self, batch: Batch) -> None:
+        """Check ``batch`` against the client's task and threat model before any work is done:
+        labels in range, detection boxes and classes valid, boxes shared for detection. Raises a
+        GistressError naming the problem (``share`` calls it first)."""
         if self.task == "classification" and self.num_classes is not None and batch.labels is not None:
             bad = batch.labels[(batch.labels < 0) | (batch.labels >= self.num_classes)]
             if len(bad):
