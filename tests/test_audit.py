@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from suite.audit import audit
+import suite.audit as audit
 from suite.cli.main import main
 from suite.config import RunConfig
 from suite.data.batch import Batch

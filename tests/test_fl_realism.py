@@ -23,7 +23,7 @@ from suite.attack.attacker import Attacker
 from suite.config import AttackSpec, RunConfig
 from suite.execution.runner import run_setting
 from suite.model.bnstats import batch_stats, count_per_channel, recover_batch_stats, running_stats
-from suite.studies.study import expand_settings
+from suite.studies import expand_settings
 from suite.threat.client import Client
 from suite.threat.defenses import SOK_GRIDS
 from suite.threat.threat_model import ThreatModel

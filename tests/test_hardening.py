@@ -379,7 +379,7 @@ def test_diverging_attack_is_failed_with_reason_and_step(workdir, store, capsys)
 
 
 def test_study_marks_diverged_setting_failed_and_continues(workdir, store):
-    from suite.studies.study import run_study
+    from suite.studies import run_study
 
     spec = workdir / "diverge.yaml"
     spec.write_text(
@@ -453,7 +453,7 @@ def test_sigint_kills_the_running_child_keeps_results_and_rerun_resumes(tmp_path
     assert (tmp_path / "out" / name / "summary.csv").is_file()
     assert (tmp_path / "out" / name / by["alpha"].data.tags["config_hash"] / "reconstruction.png").is_file()
 
-    from suite.studies.study import run_study
+    from suite.studies import run_study
 
     test_study.CALLS.clear()
     again = run_study(spec, tracking_uri=store, out_root=tmp_path / "out", runner=FAKE)

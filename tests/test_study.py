@@ -1,4 +1,4 @@
-"""Study specs, expansion, dry-run, resume, interrupts and scale-out (suite.studies.study / executors)."""
+"""Study specs, expansion, dry-run, resume, interrupts and scale-out (suite.studies / executors)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from suite.config import RunConfig
 from suite.data.batch import Batch
 from suite.errors import DivergenceError, GistressError
 from suite.results import Reconstruction, RunResult, Scores
-from suite.studies.study import expand, expand_settings, parse_sets, parse_spec, run_study
+from suite.studies import expand, expand_settings, parse_sets, parse_spec, run_study
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -540,7 +540,7 @@ def test_sigterm_kills_child_and_parent(tmp_path):
 
 def test_slurm_needs_http_tracking_and_sbatch(tmp_path, uri):
     from suite.execution.executors import check_tracking, plan
-    from suite.studies.study import ExecutorBlock
+    from suite.studies import ExecutorBlock
 
     if not any((Path(d) / "sbatch").exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
         with pytest.raises(GistressError, match="no sbatch"):
@@ -686,7 +686,7 @@ def test_shipped_specs_exist():
 
 
 def test_leak_sentence_names_which_settings_leaked():
-    from suite.studies.study import leak_sentence
+    from suite.studies import leak_sentence
 
     rows = [
         {"variant": "lenet", "name": "lenet bn=train", "axes": {"variant": "lenet"}, "seed": 0, "image": "astronaut",

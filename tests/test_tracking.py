@@ -11,8 +11,8 @@ from test_study import fake_result  # the fake RunResult builder shared with the
 import suite
 from suite.config import AttackSpec, RunConfig
 from suite.errors import DivergenceError, GistressError
+from suite.execution.lifecycle import Terminated
 from suite.execution.tracking import (
-    Terminated,
     check_reachable,
     create_setting_run,
     failed_runs,
@@ -109,7 +109,7 @@ def test_successful_run_is_finished_with_params_tags_metrics_artifacts(store, tm
 def test_config_hash_keeps_stores_resumable_across_the_log_every_default():
     """A spec that sets attack.log_every hashes as before log_every could be unset (its finished
     runs are still found); leaving it unset gives one hash whatever the derived interval."""
-    from suite.studies.study import expand_settings
+    from suite.studies import expand_settings
 
     repo = Path(__file__).resolve().parents[1]
     assert expand_settings(repo / "runs/fig2_resnet_bn.yaml", "paper")[0].config_hash == "8416eb56de848ed4"
@@ -119,7 +119,7 @@ def test_config_hash_keeps_stores_resumable_across_the_log_every_default():
 
 
 def test_metric_names_map_both_ways():
-    from suite.execution.tracking import internal_metrics, metric_name, mlflow_metrics
+    from suite.execution.mlflow_names import internal_metrics, metric_name, mlflow_metrics
 
     internal = {"psnr": 20.123456, "control_psnr": 9.0, "gain_psnr": 11.123456, "matching_loss": 0.5, "tv": 0.1,
                 "bn_prior": 0.2, "oracle_best_restart_psnr": 21.0, "step": 3, "img0/psnr": 1.0}
@@ -150,7 +150,7 @@ def test_step_metrics_are_buffered_and_flushed_on_exit(store):
 
 
 def test_git_commit_tag_when_in_a_repo(store):
-    from suite.execution.tracking import git_commit
+    from suite.execution.lifecycle import git_commit
 
     with setting_run(cfg(), experiment="t_git", tracking_uri=store) as tr:
         pass

@@ -83,7 +83,7 @@ def store(tmp_path_factory) -> str:
     given = os.environ.get("GISTRESS_UI_STORE")
     if given:
         return given
-    from suite.studies.study import run_study
+    from suite.studies import run_study
 
     root = tmp_path_factory.mktemp("ui")
     (root / "tiny.yaml").write_text(TINY)

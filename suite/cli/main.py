@@ -11,6 +11,7 @@ import importlib
 import sys
 
 import suite  # noqa: F401  (offline defaults first)
+from suite.execution.lifecycle import EXIT_INTERRUPTED, EXIT_USAGE, install_sigterm
 
 COMMANDS = ("doctor", "variants", "attack", "study", "audit", "ui")
 COMPUTES = ("attack", "study", "audit")  # the subcommands that run attacks in this process
@@ -74,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             import os
 
             from suite.execution.threads import apply_threads
-            from suite.studies.study import _install_sigterm
 
-            restore = _install_sigterm()  # SIGTERM ends runs KILLED, exactly like Ctrl-C
+            restore = install_sigterm()  # SIGTERM ends runs KILLED, exactly like Ctrl-C
             os.environ.setdefault(ENV, str(threads))  # worker processes follow the same choice
             apply_threads(threads)
         return int(args._run(args) or 0)
@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc.one_line()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         restore()
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -142,17 +140,11 @@ def _worker_sigterm() -> None:
     """In a worker process SIGTERM (scancel, Slurm time limit, local cancel) ends the run KILLED.
 
     submitit installs a handler that ignores SIGTERM (it waits for its own USR2 signal); a
-    setting has nothing to checkpoint, so we take SIGTERM back.
+    setting has nothing to checkpoint, so we take SIGTERM back for the worker's lifetime.
     """
-    from suite.execution.tracking import Terminated
+    from suite.execution.lifecycle import install_sigterm
 
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, frame):
-        raise Terminated("SIGTERM")
-
-    signal.signal(signal.SIGTERM, handler)
+    install_sigterm()
 
 
 def execute_setting(job: SettingJob) -> dict:
@@ -163,7 +155,8 @@ def execute_setting(job: SettingJob) -> dict:
     """
     import suite  # noqa: F401  (offline defaults in a fresh worker)
     from suite.config import RunConfig
-    from suite.execution.tracking import numeric_metrics, one_line_error, setting_run
+    from suite.execution.mlflow_names import numeric_metrics, one_line_error
+    from suite.execution.tracking import setting_run
 
     if job.in_worker:
         from suite.execution.threads import apply_threads
@@ -259,6 +252,8 @@ def _run_submitit(jobs: Sequence[SettingJob], plan_: Plan, *, client, folder) ->
 
 def _collect(handle, job: SettingJob, client) -> dict:
     """A finished submitit job's row; a job that died reports what MLflow knows about it."""
+    from suite.execution.lifecycle import close_run
+
     try:
         return handle.result()
     except Exception as exc:
@@ -270,8 +265,7 @@ def _collect(handle, job: SettingJob, client) -> dict:
                 status = info.info.status
                 error = info.data.tags.get("error", error)
             elif info.info.status in ("RUNNING", "SCHEDULED"):
-                client.set_tag(job.run_id, "error", error[:5000])
-                client.set_terminated(job.run_id, "FAILED")
+                close_run(client, job.run_id, "FAILED", error)
         except Exception:
             pass
         return {"index": job.index, "name": job.name, "run_id": job.run_id, "status": status, "metrics": {},
@@ -303,6 +297,7 @@ def sweep(client, experiment_id: str, parent_run_id: str, *, interrupted: bool) 
     Interrupted -> KILLED; otherwise -> FAILED ("worker exited without reporting"). Returns how
     many were ended.
     """
+    from suite.execution.lifecycle import close_run
     from suite.execution.tracking import child_runs
 
     n = 0
@@ -316,11 +311,9 @@ def sweep(client, experiment_id: str, parent_run_id: str, *, interrupted: bool) 
             continue
         try:
             if interrupted:
-                client.set_tag(run.info.run_id, "error", "study interrupted before this setting finished")
-                client.set_terminated(run.info.run_id, "KILLED")
+                close_run(client, run.info.run_id, "KILLED", "study interrupted before this setting finished")
             else:
-                client.set_tag(run.info.run_id, "error", "worker exited without reporting a result")
-                client.set_terminated(run.info.run_id, "FAILED")
+                close_run(client, run.info.run_id, "FAILED", "worker exited without reporting a result")
             n += 1
         except Exception as exc:
             print(f"warning: could not close run {run.info.run_id} ({exc})", file=sys.stderr)

@@ -20,7 +20,7 @@ VIEW_KEY = "gistress"
 VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY
 VIEW_TIME_TAG = "gistress.view_updated"  # ms since the epoch: `gistress ui` opens the newest view
 ML_MODE = "workflowType=machine_learning"
-# Columns of the saved view, in order: MLflow names (see suite.execution.tracking.METRIC_NAMES).
+# Columns of the saved view, in order: MLflow names (see suite.execution.mlflow_names.METRIC_NAMES).
 VIEW_METRICS = ("score/psnr", "control/psnr", "gain/psnr", "score/ssim", "score/lpips", "score/brr")
 _FILTER_MAX = 15000  # experiment tags hold 20,000 characters; a longer run list filters by tags
 
@@ -159,9 +159,9 @@ def describe_result(cfg, metrics: Mapping[str, Any], tags: Mapping[str, Any]) ->
     if "brr" in m:
         line += f"; leaked: {'yes' if m['brr'] > 0 else 'no'} (rule: {tags.get('leak_rule', 'see the leak_rule tag')})"
     notes = []
-    if str(tags.get("upper_bound", "")).lower() == "true":
+    if cfg.threat.upper_bound:
         notes.append("an upper bound (the client is simplified in the attacker's favour)")
-    if str(tags.get("oracle_init", "")).lower() == "true":
+    if cfg.attack.oracle_init:
         notes.append("an oracle start (derived from the target)")
     if tags.get("diverged"):
         notes.append(f"diverged restarts: {tags['diverged']}")

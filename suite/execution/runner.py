@@ -208,8 +208,6 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
 
     tags = {
         "assumption_level": str(cfg.assumption_level(variant.task, has_bn=has_bn(variant.model))),
-        "upper_bound": str(cfg.threat.upper_bound),
-        "oracle_init": str(cfg.attack.oracle_init),
         "device": str(device),
         "task": variant.task,
         "grants": json.dumps(obs.grants, sort_keys=True),

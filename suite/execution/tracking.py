@@ -4,7 +4,8 @@ Everything goes through an explicit ``MlflowClient`` and explicit run ids, never
 fluent "active run" state, so several worker processes can log to one tracking server at once
 (each worker owns its own run ids). A run always ends in a terminal status: FINISHED on success,
 FAILED on an error (tag ``error``, plus ``failed_step`` for a divergence), KILLED on Ctrl-C or
-SIGTERM.
+SIGTERM (the rule and the tags every run carries: ``suite.execution.lifecycle``; metric, param
+and tag naming: ``suite.execution.mlflow_names``).
 
 Tracking URI: ``--tracking-uri`` flag > ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` in the
 current working directory (MLflow's own local default).
@@ -13,53 +14,30 @@ current working directory (MLflow's own local default).
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import math
 import os
 import re
-import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import suite
-from suite.errors import DivergenceError, GistressError
-
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
-# Metric names as MLflow shows them. The UI groups charts by the part before "/", so scores,
-# the control, the gain and the loss terms land in their own sections; result dicts inside the
-# suite keep the plain keys (psnr, control_psnr, matching_loss, ...). The one place names change.
-METRIC_NAMES = {
-    "psnr": "score/psnr", "ssim": "score/ssim", "lpips": "score/lpips", "brr": "score/brr",
-    "wsrr": "score/wsrr", "label_accuracy": "score/label_accuracy", "init_psnr": "score/init_psnr",
-    "oracle_best_restart_psnr": "oracle/best_restart_psnr",
-    "matching_loss": "loss/matching", "total": "loss/total", "tv": "loss/tv", "bn_prior": "loss/bn_prior",
-    "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds",
-}
-_PREFIXES = {"control_": "control/", "gain_": "gain/"}  # control_psnr -> control/psnr, gain_ssim -> gain/ssim
-_NOT_LOGGED = ("step",)  # the step is MLflow's x axis already
-# Params that share a name with a loss term are the terms' weights.
-PARAM_NAMES = {"tv": "weight/tv", "bn_prior": "weight/bn_prior"}
-# Final metrics are logged to this many significant digits so that the runs table reads
-# "7.32", not "7.3213491439819336"; metrics.json and scores.json keep full precision.
-_DIGITS = 4
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# MLflow limits: 8000 characters for a tag value, 6000 for a param value, 100 params per batch.
-_TAG_MAX, _PARAM_MAX, _BATCH = 5000, 6000, 100
-# The tag that marks a run as one setting of a study (resume looks these up).
-KIND_TAG = "gistress.kind"
-NOTE_TAG = "mlflow.note.content"  # a run's description, rendered as Markdown on its page
-
-
-class Terminated(KeyboardInterrupt):
-    """Raised in place of SIGTERM so that runs end KILLED exactly as on Ctrl-C."""
-
+from suite.errors import GistressError
+from suite.execution.lifecycle import end_run, run_tags, terminal_status
+from suite.execution.mlflow_names import (
+    DIGITS,
+    IMAGE_SUFFIXES,
+    KIND_TAG,
+    NOTE_TAG,
+    PARAM_BATCH,
+    PARAM_MAX,
+    PARAM_NAMES,
+    mlflow_metrics,
+    one_line_error,
+    tag_value,
+)
 
 # ---------------------------------------------------------------------------------------------
 # tracking URI
@@ -162,23 +140,6 @@ def experiment_id(client, name: str, *, create: bool = True) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The suite's git commit, or None (never raises, never waits long)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(suite.__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=2,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = out.stdout.strip()
-    return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
-
-
 def resolve_device(device: str) -> str:
     """``auto`` -> the device the runner will pick (cuda when available, else cpu)."""
     if device != "auto":
@@ -189,102 +150,33 @@ def resolve_device(device: str) -> str:
 
 
 def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The tags every setting run carries (threat-model flags, provenance)."""
-    tags = {
-        KIND_TAG: "setting",
+    """The tags every setting run carries: ``lifecycle.run_tags`` (kind ``setting``) with the
+    config's hash, variant and device and its threat-model flags (``upper_bound``,
+    ``oracle_init``, ``assumption_level``), then ``extra_tags``, which override.
+
+    ``assumption_level`` comes from ``RunConfig.assumption_level``; here, before the model is
+    built, it assumes BN layers exist, and the runner's result tags refine it. A caller that
+    knows the level already (an audit's plan) passes it in ``extra_tags``.
+    """
+    tags: dict[str, Any] = {
         "config_hash": cfg.config_hash(),
-        "upper_bound": str(cfg.threat.upper_bound).lower(),
-        "oracle_init": str(cfg.attack.oracle_init).lower(),
+        "upper_bound": cfg.threat.upper_bound,
+        "oracle_init": cfg.attack.oracle_init,
         "variant": cfg.variant,
-        "gistress_version": suite.__version__,
         "device": resolve_device(cfg.device),
-        "mlflow.source.name": "gistress",
     }
-    try:  # the runner's result tags refine it once the model is built (BN or not)
-        tags["assumption_level"] = str(cfg.assumption_level())
-    except GistressError:
-        pass  # a variant this process cannot resolve (a custom runner's): the result will say
-    sha = git_commit()
-    if sha:
-        tags["git_commit"] = sha
-        tags["mlflow.source.git.commit"] = sha
-    for key, value in (extra_tags or {}).items():
-        tags[str(key)] = tag_value(value)
-    return tags
-
-
-def tag_value(value: Any) -> str:
-    """A param or tag value as MLflow stores it: booleans lower-case, containers as JSON, capped."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
-    return text[:_TAG_MAX]
-
-
-def one_line_error(exc: BaseException, limit: int = _TAG_MAX) -> str:
-    if isinstance(exc, GistressError):
-        text = exc.one_line()
-    else:
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return " ".join(text.split())[:limit]
-
-
-def metric_name(key: str) -> str | None:
-    """The MLflow name of an internal metric key (None: not logged); unknown keys pass as they are."""
-    if key in _NOT_LOGGED:
-        return None
-    if key in METRIC_NAMES:
-        return METRIC_NAMES[key]
-    for prefix, group in _PREFIXES.items():
-        if key.startswith(prefix):
-            return group + key[len(prefix):]
-    return key
-
-
-def internal_metrics(mlflow_metrics: Mapping[str, float]) -> dict[str, float]:
-    """Metrics read back from MLflow under the suite's internal keys (runs logged before the
-    renaming carry the internal keys already and pass unchanged)."""
-    inverse = {v: k for k, v in METRIC_NAMES.items()}
-    out = {}
-    for name, value in mlflow_metrics.items():
-        key = inverse.get(name)
-        if key is None:
-            group = next((p for p, g in _PREFIXES.items() if name.startswith(g)), None)
-            key = group + name[len(_PREFIXES[group]):] if group else name
-        out[key] = value
-    return out
-
-
-def mlflow_metrics(metrics: Mapping[str, Any], *, digits: int | None = None) -> dict[str, float]:
-    """Numeric metrics under their MLflow names, optionally rounded to ``digits`` significant digits."""
-    out = {}
-    for key, value in numeric_metrics(metrics).items():
-        name = metric_name(key)
-        if name is not None:
-            out[name] = _round(value, digits) if digits else value
-    return out
-
-
-def _round(value: float, digits: int) -> float:
-    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    extra = dict(extra_tags or {})
+    if "assumption_level" not in extra:
+        try:
+            tags["assumption_level"] = cfg.assumption_level()
+        except GistressError:
+            pass  # a variant this process cannot resolve (a custom runner's): the result will say
+    return run_tags("setting", None, {**tags, **extra})
 
 
 def setting_params(cfg) -> dict[str, str]:
     """The run's params: ``cfg.flat_params()`` with the loss weights named ``weight/...``."""
-    return {PARAM_NAMES.get(k, k): str(v)[:_PARAM_MAX] for k, v in cfg.flat_params().items()}
-
-
-def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Keep numeric values (bools as 0/1); MLflow stores NaN/inf as such, so they stay."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool):
-            out[key] = float(value)
-        elif isinstance(value, (int, float)):
-            out[key] = float(value)
-        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # 0-d tensor / numpy scalar
-            out[key] = float(value.item())
-    return out
+    return {PARAM_NAMES.get(k, k): str(v)[:PARAM_MAX] for k, v in cfg.flat_params().items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,12 +215,12 @@ def create_setting_run(
     run_id = run.info.run_id
     try:
         params = [Param(k, v) for k, v in setting_params(cfg).items()]
-        for i in range(0, len(params), _BATCH):
-            client.log_batch(run_id, params=params[i : i + _BATCH])
+        for i in range(0, len(params), PARAM_BATCH):
+            client.log_batch(run_id, params=params[i : i + PARAM_BATCH])
         if scheduled:
             client.update_run(run_id, status="SCHEDULED")
     except BaseException as exc:
-        _terminate(client, run_id, exc)
+        end_run(client, run_id, exc)
         raise
     return run_id
 
@@ -395,7 +287,7 @@ class SettingRun:
         cfg = result.config if result.config is not None else self.cfg
         final_step = max(int(cfg.attack.iterations), self._last_step)
         metrics = [Metric(k, v, now, final_step if k in self._curves else 0)
-                   for k, v in mlflow_metrics(result.metrics, digits=_DIGITS).items()]
+                   for k, v in mlflow_metrics(result.metrics, digits=DIGITS).items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
         for key, value in (result.tags or {}).items():
@@ -461,43 +353,6 @@ def setting_run(
             handle.flush()  # an interrupted run keeps the curve up to where it stopped
 
 
-@contextlib.contextmanager
-def terminal_status(client, run_id: str) -> Iterator[None]:
-    """Give ``run_id`` its terminal status from how the block ends, then re-raise."""
-    try:
-        yield
-    except BaseException as exc:
-        _terminate(client, run_id, exc)
-        raise
-    else:
-        client.set_terminated(run_id, "FINISHED")
-
-
-def _terminate(client, run_id: str, exc: BaseException) -> None:
-    """Mark a run FAILED/KILLED for ``exc``; tracking errors here warn, never mask ``exc``."""
-    killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
-    try:
-        if isinstance(exc, Terminated):
-            client.set_tag(run_id, "error", "terminated (SIGTERM)")
-        elif killed:
-            client.set_tag(run_id, "error", "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else "exited")
-        else:
-            client.set_tag(run_id, "error", one_line_error(exc))
-            if isinstance(exc, DivergenceError):
-                client.set_tag(run_id, "failed_step", str(exc.step))
-            if not isinstance(exc, GistressError):
-                # An unexpected error: keep the traceback beside the run for whoever debugs it.
-                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                client.log_text(run_id, tb, "error.txt")
-        client.set_terminated(run_id, "KILLED" if killed else "FAILED")
-    except Exception as track_exc:
-        print(
-            f"warning: could not mark MLflow run {run_id} {'KILLED' if killed else 'FAILED'} "
-            f"({one_line_error(track_exc, 200)})",
-            file=sys.stderr,
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # lookups for resume
 # ---------------------------------------------------------------------------------------------
@@ -558,11 +413,3 @@ def child_runs(client, experiment_id_: str, parent_run_id: str) -> list:
         if not token:
             return runs
 
-
-def finite_or_none(value: Any) -> float | None:
-    """A float for finite numbers, else None (for summaries)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -167,36 +166,34 @@ def run(args) -> int:
 
     Inputs are checked before anything is written: a bad flag, checkpoint, image or tracking URI
     leaves no MLflow run and no output folder (the folder is written once the attack is done).
+    The run's lifecycle (tags, SIGTERM as Ctrl-C, terminal status, the printed end) is
+    ``suite.execution.lifecycle``'s, as for ``gistress study`` and ``gistress audit``.
     """
+    from suite.execution.lifecycle import EXIT_OK, interruptible, page_hint, print_end
     from suite.execution.runner import prepare_setting, run_setting
 
     cfg = config_from_args(args)
     out = Path(args.out or f"gistress-out/attack-{time.strftime('%Y%m%d-%H%M%S')}")
-    if args.no_mlflow:
-        result = run_setting(cfg, out_dir=out, progress=not args.quiet)
-        run_id = None
-    else:
-        from suite.execution.tracking import check_reachable, resolve_tracking_uri, setting_run
+    run_id = hint = None
+    with interruptible():
+        if args.no_mlflow:
+            result = run_setting(cfg, out_dir=out, progress=not args.quiet)
+        else:
+            from suite.execution.mlflow_ui import run_link
+            from suite.execution.tracking import check_reachable, resolve_tracking_uri, setting_run
 
-        uri = resolve_tracking_uri(args.tracking_uri)
-        check_reachable(uri)
-        prepared = prepare_setting(cfg)
-        with setting_run(cfg, experiment=args.experiment, tracking_uri=uri) as tr:
-            result = run_setting(cfg, out_dir=out, progress=not args.quiet, on_step=tr.log_step,
-                                 prepared=prepared)
-            tr.log_result(result)
-            run_id = tr.run_id
-            exp_id = tr.client.get_run(run_id).info.experiment_id
-    print(summary_table(result))
-    print(f"images: {out.resolve()}")
-    if run_id:
-        from suite.execution.mlflow_ui import run_link
-        from suite.execution.tracking import is_http
-
-        base = uri if is_http(uri) else "http://127.0.0.1:5000"
-        how = "" if is_http(uri) else " once `gistress ui` serves the store"
-        print(f"mlflow run: {run_id}; its page{how}: {run_link(base, exp_id, run_id)}")
-    if args.json:
-        print(json.dumps({"metrics": result.metrics, "tags": result.tags, "out_dir": str(out.resolve()),
-                          "run_id": run_id, "config_hash": cfg.config_hash()}))
-    return 0
+            uri = resolve_tracking_uri(args.tracking_uri)
+            check_reachable(uri)
+            prepared = prepare_setting(cfg)
+            with setting_run(cfg, experiment=args.experiment, tracking_uri=uri) as tr:
+                result = run_setting(cfg, out_dir=out, progress=not args.quiet, on_step=tr.log_step,
+                                     prepared=prepared)
+                tr.log_result(result)
+                run_id = tr.run_id
+                exp_id = tr.client.get_run(run_id).info.experiment_id
+            hint = page_hint(f"mlflow run: {run_id}; its page", uri, lambda base: run_link(base, exp_id, run_id))
+    summary = {"metrics": result.metrics, "tags": result.tags, "out_dir": str(out.resolve()), "run_id": run_id,
+               "config_hash": cfg.config_hash()}
+    print_end(None, table=summary_table(result), files=[("images", out.resolve())], mlflow=hint,
+              summary=summary if args.json else None)
+    return EXIT_OK

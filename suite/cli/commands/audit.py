@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def base_config(args):
     Built through ``gistress attack``'s own flag handling, so variant options, weights and
     image names behave exactly as they do there.
     """
-    from suite.audit.audit import budget_for
+    from suite.audit import budget_for
     from suite.cli.commands import attack
 
     budget = budget_for(args.level)
@@ -91,8 +90,13 @@ def _task(variant: str) -> str:
 
 
 def run(args) -> int:
-    """Plan (validating everything), run the battery, print the verdict table."""
-    from suite.audit.audit import format_table, plan_audit, run_audit, verdict_rows
+    """Plan (validating everything), run the battery, print the verdict table.
+
+    Exit code (``lifecycle.exit_code``): 0 every level finished, 1 some level failed, 130 interrupted.
+    """
+    from suite.audit import format_table, plan_audit, run_audit, verdict_rows
+    from suite.execution.lifecycle import page_hint, print_end
+    from suite.execution.mlflow_ui import run_link
     from suite.execution.tracking import check_reachable, resolve_tracking_uri
 
     cfg = base_config(args)
@@ -102,16 +106,13 @@ def run(args) -> int:
     out = Path(args.out) if args.out else _default_out()
     progress = not args.quiet and _isatty()
     result = run_audit(plan, out_dir=out, experiment=args.experiment, tracking_uri=uri, progress=progress)
-    print("")
-    print(format_table(verdict_rows(result.outcomes)))
-    print("")
-    print(result.verdict)
-    if "report.md" in result.files:
-        print(f"report: {result.files['report.md'].resolve()} (and report.html)")
-    ui = "gistress ui" if uri == resolve_tracking_uri(None) else f"gistress ui --tracking-uri {uri}"
-    print(f"mlflow: parent run {result.parent_run_id} in experiment '{args.experiment}' (open with `{ui}`)")
-    if args.json:
-        print(json.dumps(result.to_json()))
+    files = [("report", f"{result.files['report.md'].resolve()} (and report.html)")] if "report.md" in result.files \
+        else []
+    parent, exp_id = result.parent_run_id, result.experiment_id
+    hint = page_hint(f"mlflow parent run: {parent} (experiment '{args.experiment}'); its page", uri,
+                     lambda base: run_link(base, exp_id, parent))
+    print_end(None, table=format_table(verdict_rows(result.outcomes)), verdict=[result.verdict], files=files,
+              mlflow=hint, summary=result.to_json() if args.json else None)
     return result.exit_code
 
 

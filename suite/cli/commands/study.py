@@ -38,7 +38,8 @@ def add_parser(sub):
 
 def run(args) -> int:
     """Run the study; 0 when every setting finished, 1 when some failed, 130 when interrupted."""
-    from suite.studies.study import run_study
+    from suite.execution.lifecycle import EXIT_INTERRUPTED, EXIT_OK
+    from suite.studies import run_study
 
     options = {
         "slurm_partition": args.slurm_partition,
@@ -55,5 +56,5 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished settings are kept; run the same command again to complete the rest",
               file=sys.stderr)
-        return 130
-    return 0 if args.dry_run else outcome.exit_code
+        return EXIT_INTERRUPTED
+    return EXIT_OK if args.dry_run else outcome.exit_code

@@ -1,0 +1,140 @@
+"""The audit battery as data: the fixed, ordered threat levels and the budgets (how hard each level tries).
+
+The question it answers: "if my clients train this checkpoint on their data, can the server see
+their images?" The battery is fixed and ordered from the realistic client to the upper bound, so
+two audits of different models (or of the same model at two checkpoints) are comparable:
+
+1. ``realistic``        train-mode BN, one FedSGD gradient, labels shared (detection: boxes and
+                        classes, which the detection attack needs), no BN statistics shared.
+2. ``bn_running``       1 + the BN running-statistics update (``threat.bn_stats=running``); the
+                        recovered batch statistics enter through preset ``gia_bn``'s BN prior (the
+                        engine uses shared statistics only as a prior, so ``ig`` would ignore them).
+3. ``bn_eval``          1 with inference-mode BN (``bn_mode=eval``): an upper bound. Random weights
+                        are replaced by data-calibrated BN statistics (eval mode on 0/1 running
+                        statistics is meaningless).
+4. ``labels_inferred``  1 with labels not shared: inferred from the gradient (classification only).
+5. ``fedavg``           FedAvg, 4 local SGD steps at lr 0.01, the server knows those values.
+6. ``strongest``        preset ``gia_bn`` with restarts, exact BN batch statistics, inference-mode
+                        BN: the upper bound.
+7. ``dlg``              level 1 attacked with DLG (squared-L2 matching, L-BFGS; classification only).
+
+Levels 1, 3, 4, 5 use the ``ig`` preset (cosine matching + total variation), 2 and 6 ``gia_bn``, 7 ``dlg``. Every level runs the
+prior-only control (same start and budget, gradient term off), so the gradient's own gain is known.
+Models without BatchNorm skip levels 2 and 3 (and level 6 keeps train mode); detection skips 4 and 7.
+
+Client batches: each audited image is attacked as its own client batch of 1, the setting most
+favourable to the attacker and the usual audit choice. Per level, BRR is the fraction of images
+whose reconstruction (the restart the attacker picks by matching loss) leaked, and WSRR is the
+fraction of all independent attack attempts (image x restart) in which the image leaked. A sample
+leaked if PSNR >= 18 dB and LPIPS <= 0.1 (PSNR alone when the LPIPS backbone is missing).
+"""
+
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from suite.errors import GistressError, close_matches
+
+# The realistic client every level starts from.
+REALISTIC = dict(bn_mode="train", update="gradient", shares_labels=True, bn_stats="none",
+                 attacker_knows_training=True)
+
+
+@dataclass(frozen=True)
+class ThreatLevel:
+    """One entry of the battery: the threat-model change and the words the report uses."""
+
+    key: str
+    title: str                      # short name for the table
+    grants: str                     # what the server gets, in plain words
+    needs: str                      # "leaks only with <needs>"
+    threat: dict
+    preset: str = "ig"
+    bn_only: bool = False           # meaningless without BatchNorm layers
+    classification_only: bool = False
+    eval_mode: bool = False         # needs non-random BN statistics
+    strongest: bool = False
+
+
+BATTERY: tuple[ThreatLevel, ...] = (
+    ThreatLevel(
+        "realistic", "realistic",
+        "train-mode BN, one FedSGD gradient, labels shared (detection: boxes and classes), "
+        "no BN statistics shared",
+        "a realistic client (train-mode BN, one FedSGD gradient, labels shared)", {}),
+    ThreatLevel(
+        "bn_running", "+ BN running stats",
+        "level 1 plus the client's BN running-statistics update: the server recovers the batch "
+        "statistics from it and attacks with preset gia_bn, whose BN-statistics prior uses them",
+        "the BN running-statistics update shared", {"bn_stats": "running"}, preset="gia_bn", bn_only=True),
+    ThreatLevel(
+        "bn_eval", "inference-mode BN",
+        "level 1 with the client's BN in inference mode (running statistics): an upper bound",
+        "inference-mode BN (an upper bound)", {"bn_mode": "eval"}, bn_only=True, eval_mode=True),
+    ThreatLevel(
+        "labels_inferred", "labels inferred",
+        "level 1 without labels: the server infers them from the gradient",
+        "labels inferred from the gradient", {"shares_labels": False}, classification_only=True),
+    ThreatLevel(
+        "fedavg", "FedAvg, 4 local steps",
+        "FedAvg: 4 local SGD steps at lr 0.01 on the client's batch; the server knows those "
+        "hyper-parameters and unrolls them",
+        "FedAvg with the local hyper-parameters known",
+        {"update": "fedavg", "local_steps": 4, "local_lr": 0.01, "attacker_knows_training": True}),
+    ThreatLevel(
+        "strongest", "strongest (gia_bn)",
+        "the client's exact BN batch statistics, inference-mode BN, attack preset gia_bn "
+        "(BN-statistics prior) with restarts: the upper bound",
+        "the strongest attack (exact BN batch statistics, inference-mode BN, BN prior, restarts: "
+        "an upper bound)",
+        {"bn_mode": "eval", "bn_stats": "exact"}, preset="gia_bn", eval_mode=True, strongest=True),
+    ThreatLevel(
+        "dlg", "DLG (L2, L-BFGS)",
+        "level 1 attacked with DLG instead: squared-L2 gradient matching and L-BFGS (joint soft labels "
+        "when labels are not shared), the attack small sigmoid networks fall to where ig does not",
+        "the DLG attack (L2 matching, L-BFGS)", {}, preset="dlg", classification_only=True),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How hard every level tries. ``size_cap`` None: the variant's own input size."""
+
+    name: str
+    ig_iterations: int              # levels with preset ig (1, 3, 4, 5)
+    gia_bn_iterations: int          # levels with preset gia_bn (2, 6)
+    dlg_iterations: int             # level 7 (preset dlg): L-BFGS steps, up to 20 evaluations each
+    strongest_restarts: int         # level 6; every other level runs one restart
+    max_images: int | None
+    default_images: int
+    size_cap: int | None
+    meant_for: str
+
+    def describe(self) -> str:
+        """One line for the report."""
+        size = f"the variant's input size capped at {self.size_cap} px" if self.size_cap else \
+            "the variant's full input size"
+        imgs = f"at most {self.max_images} images" if self.max_images else "every requested image"
+        return (f"{self.name}: preset ig {self.ig_iterations:,} iterations, preset gia_bn "
+                f"{self.gia_bn_iterations:,} iterations, preset dlg {self.dlg_iterations:,} L-BFGS steps; 1 restart, level 6 {self.strongest_restarts} restarts; "
+                f"{imgs} (default {self.default_images}); {size}; meant for {self.meant_for}")
+
+
+BUDGETS: dict[str, Budget] = {
+    "quick": Budget("quick", ig_iterations=100, gia_bn_iterations=100, dlg_iterations=100, strongest_restarts=2, max_images=2,
+                    default_images=2, size_cap=256, meant_for="a laptop CPU (minutes)"),
+    "thorough": Budget("thorough", ig_iterations=24_000, gia_bn_iterations=10_000, dlg_iterations=1_200,
+                       strongest_restarts=4,
+                       max_images=None, default_images=8, size_cap=None,
+                       meant_for="a GPU (paper scale: IG 24,000, gia_bn 10,000 and DLG 1,200 iterations)"),
+}
+
+
+def budget_for(name: str) -> Budget:
+    """The named audit budget; a one-line error with the nearest name otherwise."""
+    if name in BUDGETS:
+        return BUDGETS[name]
+    near = close_matches(str(name), BUDGETS, n=1)
+    raise GistressError(f"unknown audit level '{name}'" + (f" (did you mean '{near}'?)" if near else ""),
+                        f"use --level {' or --level '.join(BUDGETS)}")

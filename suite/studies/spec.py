@@ -1,0 +1,251 @@
+"""Study specs: the YAML schema (``StudySpec``) and its validation, every error naming file and line.
+
+A spec (``runs/*.yaml``) has::
+
+    name: fig2_resnet_bn            # MLflow experiment name (one experiment per study)
+    description: ...
+    base: {...}                     # a partial RunConfig (nested or dotted keys)
+    grid: {threat.bn_stats: [none, running, exact], variant: [...]}   # cartesian product
+    zip: {variant: [...], variant_options: [...]}   # axes stepped together (equal lengths);
+                                                    # a list of such groups is allowed too
+    seeds: [0, 1]
+    images: [astronaut, chelsea]    # one child run per image; an item may itself be a list (a batch)
+    profiles:
+      smoke: {attack.iterations: 4, size: 32, images: [astronaut]}
+      paper: {attack.iterations: 10000}
+    executor: {slurm_partition: gpu, gpus_per_node: 1, timeout_min: 600, slurm_array_parallelism: 8}
+
+In a profile (and in ``--set``), ``seeds``/``images``/``grid``/``zip`` are study-level keys
+(``STUDY_KEYS``); every other key overrides the RunConfig. How a spec becomes settings:
+``suite.studies.expand``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from suite.errors import GistressError, close_matches
+from suite.keys import check_key, check_keys
+
+STUDY_KEYS = ("seeds", "images", "grid", "zip")  # keys of a profile / --set that are not RunConfig's
+
+
+class ExecutorBlock(BaseModel):
+    """Scale-out settings for ``--executor slurm`` (names as in submitit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slurm_partition: str | None = None
+    slurm_account: str | None = None
+    slurm_qos: str | None = None
+    slurm_constraint: str | None = None
+    gpus_per_node: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    timeout_min: int | None = Field(None, ge=1)
+    slurm_array_parallelism: int | None = Field(None, ge=1)
+
+
+class StudySpec(BaseModel):
+    """A validated study spec (see the module docstring for the layout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] | list[dict[str, list[Any]]] | None = None
+    seeds: list[int] | None = None
+    images: list[str | list[str]] | None = None
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    executor: ExecutorBlock = Field(default_factory=ExecutorBlock)
+
+    _source: str = PrivateAttr("<spec>")  # where it was read from, for messages
+
+    @property
+    def source(self) -> str:
+        """The file the spec came from (for messages)."""
+        return self._source
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _ids_as_text(cls, value):
+        return image_ids(value)
+
+    def zip_groups(self) -> list[dict[str, list[Any]]]:
+        """The zip groups as a list (a single mapping is one group)."""
+        if self.zip is None:
+            return []
+        return [self.zip] if isinstance(self.zip, dict) else list(self.zip)
+
+
+def image_ids(value):
+    """COCO image ids written as numbers (``images: [139, 285]``) are names too."""
+    if isinstance(value, list):
+        return [image_ids(v) for v in value]
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _yaml_line(text: str, loc: Sequence[Any]) -> int | None:
+    """1-based line of the key at ``loc`` in the YAML text (best effort; None if not found)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source}:{line}" if line else source
+
+
+def parse_spec(text: str, source: str = "<spec>") -> StudySpec:
+    """Validate spec text; every problem becomes a one-line GistressError naming file and line."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise GistressError(f"malformed YAML in {where}: {' '.join(str(problem).split())}",
+                            "fix the YAML syntax at that line") from None
+    if not isinstance(data, dict):
+        raise GistressError(f"{source} is not a mapping of study keys",
+                            "start the spec with 'name: <study>' and a 'grid:' block")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise _spec_error(exc, text, source) from None
+    spec._source = source
+    _validate_spec(spec, text)
+    return spec
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a study spec file."""
+    p = Path(path)
+    if not p.is_file():
+        near = close_matches(p.name, [q.name for q in p.parent.glob("*.yaml")]) if p.parent.is_dir() else ""
+        raise GistressError(f"study spec {path} not found" + (f" (did you mean {near}?)" if near else ""),
+                            "pass a file such as runs/quickstart.yaml")
+    return parse_spec(p.read_text(), str(path))
+
+
+def _spec_error(exc: ValidationError, text: str, source: str) -> GistressError:
+    err = exc.errors()[0]
+    loc = [x for x in err.get("loc", ())]
+    # pydantic reports union members in the loc; keep the keys the user wrote
+    loc = [x for x in loc if not (isinstance(x, str) and (x.startswith(("list[", "dict[")) or x in ("str",)))]
+    dotted = ".".join(str(x) for x in loc)
+    where = _where(source, _yaml_line(text, loc))
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        parent = StudySpec if len(loc) == 1 else ExecutorBlock if loc[0] == "executor" else None
+        options = list(parent.model_fields) if parent else []
+        near = close_matches(key, options, n=1)
+        shown = dotted if len(loc) > 1 else key
+        return GistressError(
+            f"unknown key '{shown}' in {where}" + (f" (did you mean '{near}'?)" if near else ""),
+            f"valid keys: {', '.join(options)}",
+        )
+    if err["type"] == "missing":
+        return GistressError(f"{where}: '{dotted}' is required", f"add '{dotted}: ...' to the spec")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    got = err.get("input")
+    got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return GistressError(f"{where}: {dotted}: {msg}{got_s}", "see the layout in suite/studies/spec.py or runs/quickstart.yaml")
+
+
+def _validate_spec(spec: StudySpec, text: str) -> None:
+    """Checks pydantic cannot do: RunConfig key paths, empty axes, zip lengths, profiles."""
+    src = spec.source
+
+    def where(*loc):
+        return _where(src, _yaml_line(text, loc))
+
+    check_keys(spec.base, where("base"))
+    for key, values in spec.grid.items():
+        check_key(key, where("grid", key))
+        if not values:
+            raise GistressError(f"grid axis '{key}' in {where('grid', key)} is empty",
+                                "give it at least one value or remove the axis")
+    groups = spec.zip_groups()
+    for gi, group in enumerate(groups):
+        loc = ("zip",) if isinstance(spec.zip, dict) else ("zip", gi)
+        for key in group:
+            check_key(key, where(*loc))
+            if key in spec.grid:
+                raise GistressError(f"axis '{key}' is both in grid and zip in {where(*loc)}",
+                                    "keep it in one place")
+        check_zip(group, where(*loc))
+    if spec.seeds is not None and not spec.seeds:
+        raise GistressError(f"seeds in {where('seeds')} is empty", "give at least one seed, e.g. seeds: [0]")
+    if spec.images is not None and not spec.images:
+        raise GistressError(f"images in {where('images')} is empty", "give at least one image name")
+    for pname, prof in spec.profiles.items():
+        _check_profile(spec, pname, prof, where("profiles", pname))
+
+
+def check_zip(group: dict[str, list], where: str) -> None:
+    lengths = {k: len(v) for k, v in group.items()}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
+        raise GistressError(f"zip axes in {where} have different lengths ({detail})",
+                            "zipped axes step together: give each the same number of values")
+    if any(n == 0 for n in lengths.values()):
+        raise GistressError(f"zip axes in {where} are empty", "give each zipped axis at least one value")
+
+
+def _check_profile(spec: StudySpec, pname: str, prof: dict, where: str) -> None:
+    if not isinstance(prof, dict):
+        raise GistressError(f"profile '{pname}' in {where} is not a mapping", "write e.g. smoke: {size: 32}")
+    overrides = {k: v for k, v in prof.items() if k not in STUDY_KEYS}
+    check_keys(overrides, f"{where} (profile '{pname}')", extra=STUDY_KEYS)
+    axes = set(spec.grid) | {k for g in spec.zip_groups() for k in g}
+    for key in ("grid", "zip"):
+        sub = prof.get(key)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise GistressError(f"profile '{pname}' {key} in {where} must map axes to lists",
+                                "write e.g. grid: {attack.noise_p: [0.8, 1.0]}")
+        for axis, values in sub.items():
+            if axis not in axes:
+                near = close_matches(axis, sorted(axes), n=1)
+                raise GistressError(
+                    f"profile '{pname}' in {where} overrides axis '{axis}', which the spec does not have"
+                    + (f" (did you mean '{near}'?)" if near else ""),
+                    f"axes: {', '.join(sorted(axes)) or 'none'}",
+                )
+            if not isinstance(values, list) or not values:
+                raise GistressError(f"profile '{pname}' axis '{axis}' in {where} must be a non-empty list",
+                                    "write e.g. [0.8, 1.0]")
+    for key in ("seeds", "images"):
+        if key in prof and (not isinstance(prof[key], list) or not prof[key]):
+            raise GistressError(f"profile '{pname}' {key} in {where} must be a non-empty list",
+                                f"write e.g. {key}: {[0] if key == 'seeds' else ['astronaut']}")

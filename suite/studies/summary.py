@@ -1,0 +1,211 @@
+"""A study's outcome: one summary row per setting, the CSV, figure and runs-table view, the printed end.
+
+Rows come from this invocation's children, from earlier FINISHED runs (resume) or, for settings
+that never reported, from what MLflow knows (KILLED, FAILED) or PENDING. Writing the summary is
+best effort: it never hides the runs' own outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from suite.studies.expand import Setting, short_value
+
+
+@dataclass
+class StudyOutcome:
+    """What a study invocation produced."""
+
+    study: str
+    profile: str | None
+    settings: list[Setting]
+    rows: list[dict] = field(default_factory=list)
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+    csv_path: Path | None = None
+    figure_path: Path | None = None
+    interrupted: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows per status."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r["status"]] = out.get(r["status"], 0) + 1
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        """0 all finished, 1 some setting failed (or never ran), 130 interrupted (``lifecycle.exit_code``)."""
+        from suite.execution.lifecycle import exit_code
+
+        return exit_code((r["status"] for r in self.rows), interrupted=self.interrupted)
+
+    def to_json(self) -> dict:
+        """A machine-readable summary (the ``--json`` line)."""
+        return {
+            "study": self.study,
+            "profile": self.profile,
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+            "n_settings": len(self.settings),
+            "counts": self.counts,
+            "interrupted": self.interrupted,
+            "summary_csv": str(self.csv_path) if self.csv_path else None,
+            "figure": str(self.figure_path) if self.figure_path else None,
+            "rows": self.rows,
+        }
+
+
+def progress_line(n: int, total: int, row: dict) -> str:
+    """One line per finished child: ``[n/total] name: psnr ... dB`` or its status and error."""
+    m = row.get("metrics") or {}
+    if row["status"] == "FINISHED":
+        what = f"psnr {m.get('psnr', float('nan')):.2f} dB"
+        if "control_psnr" in m:
+            what += f", control {m['control_psnr']:.2f} dB"
+    else:
+        what = f"{row['status']}: {row.get('error') or 'no detail'}"
+    return f"[{n}/{total}] {row['name']}: {what} ({row.get('seconds', 0):.0f} s)"
+
+
+def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[int, dict],
+              reused: dict[int, str], client, study_dir: Path) -> None:
+    """Summary rows for every setting into ``outcome.rows``; CSV, figure, runs-table view and
+    ``n_<status>`` tags on disk and on the parent run (best effort: warns, never raises but Ctrl-C).
+
+    ``results``: this invocation's rows by setting index; ``reused``: setting index -> the
+    earlier FINISHED run that resume kept.
+    """
+    from suite.reports import figures
+
+    parent_id = outcome.parent_run_id
+    # Children this invocation started but got no row for (interrupted, worker gone): their
+    # status as MLflow has it after the sweep.
+    started = {}
+    if len(results) + len(reused) < len(settings):
+        from suite.execution.tracking import child_runs
+
+        try:
+            for run in child_runs(client, outcome.experiment_id, parent_id):
+                started[run.data.tags.get("config_hash")] = run
+        except Exception:
+            pass
+    rows = []
+    for s in settings:
+        if s.index in results:
+            row = {**results[s.index], "reused": False}
+        elif s.index in reused:
+            row = _reused_row(client, s, reused[s.index], study_dir)
+        elif s.config_hash in started:
+            run = started[s.config_hash]
+            row = {"index": s.index, "status": run.info.status, "run_id": run.info.run_id, "metrics": {},
+                   "artifacts": {}, "error": run.data.tags.get("error"), "reused": False}
+        else:
+            row = {"index": s.index, "status": "PENDING", "run_id": None, "metrics": {}, "artifacts": {},
+                   "error": None, "reused": False}
+        # the image column already says which images; the other varying axes get a column each
+        row.update(name=s.name, axes={k: short_value(v) for k, v in s.axes.items() if k != "images"}, seed=s.seed,
+                   image=s.image, row_label=s.row_label, config_hash=s.config_hash, variant=s.config.variant)
+        rows.append(row)
+    outcome.rows = rows
+    try:
+        outcome.csv_path = figures.write_summary_csv(rows, study_dir / "summary.csv")
+        client.log_artifact(parent_id, str(outcome.csv_path))
+        from suite.execution.mlflow_ui import save_study_view, summary_table
+
+        # the runs-table view first: it is what `gistress ui` opens, whatever fails after it
+        save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile)
+        table = summary_table(rows)
+        if table:  # the same table, rendered as a table on the parent's artifacts page
+            client.log_table(parent_id, table, "summary_table.json")
+        outcome.figure_path = figures.study_figure(rows, study_dir / "figure.png", title=outcome.study,
+                                                   client=client, cache_dir=study_dir / ".artifact-cache")
+        if outcome.figure_path is not None:
+            from PIL import Image
+
+            with Image.open(outcome.figure_path) as im:
+                client.log_image(parent_id, im.convert("RGB"), artifact_file=f"images/{figures.comparison_name(rows)}")
+        counts = outcome.counts
+        for status, n in counts.items():
+            client.set_tag(parent_id, f"n_{status.lower()}", str(n))
+        (study_dir / "summary.json").write_text(json.dumps(outcome.to_json(), indent=2, default=str))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the summary must not hide the runs' own outcome
+        print(f"warning: study summary incomplete ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _reused_row(client, s: Setting, run_id: str, study_dir: Path) -> dict:
+    """A summary row from an earlier FINISHED run (metrics from MLflow, images from disk if there)."""
+    row = {"index": s.index, "name": s.name, "status": "FINISHED", "run_id": run_id, "error": None,
+           "reused": True, "metrics": {}, "artifacts": {}}
+    try:
+        from suite.execution.mlflow_names import internal_metrics
+
+        run = client.get_run(run_id)
+        row["metrics"] = internal_metrics(run.data.metrics)  # MLflow's names back to the suite's keys
+    except Exception as exc:
+        row["error"] = f"earlier run unreadable: {exc}"
+    local = study_dir / s.config_hash
+    for name in ("target", "control", "reconstruction", "init"):
+        p = local / f"{name}.png"
+        if p.is_file():
+            row["artifacts"][name] = str(p)
+    return row
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The printed summary: one row per child with its varying axes, scores and status."""
+    from suite.reports.figures import summary_records
+
+    records = summary_records(rows, short_ids=True)
+    if not records:
+        return "(no settings)"
+    cols = list(records[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in records)) for c in cols}
+    lines = ["  ".join(f"{c:<{widths[c]}}" for c in cols)]
+    lines += ["  ".join(f"{str(r[c]):<{widths[c]}}" for c in cols) for r in records]
+    return "\n".join(lines)
+
+
+def leak_sentence(rows: Sequence[dict]) -> str:
+    """Which settings leaked (a sample met the leak rule) and which did not, in words."""
+    from suite.reports.figures import summary_records
+
+    done = [(row, rec) for row, rec in zip(rows, summary_records(rows)) if rec["leaked"]]
+    if not done:
+        return ""
+
+    def label(row: dict, rec: dict) -> str:
+        # the setting's run name (what varies), else the variant
+        return f"{row.get('name') or rec.get('variant') or row.get('variant', '?')} ({rec['psnr']} dB)"
+
+    leaked = [label(row, rec) for row, rec in done if rec["leaked"] == "yes"]
+    held = [label(row, rec) for row, rec in done if rec["leaked"] == "no"]
+    parts = [f"leaked: {'; '.join(leaked)}" if leaked else "no setting leaked"]
+    if held:
+        parts.append(f"did not leak: {'; '.join(held)}")
+    return ". ".join(parts) + "."
+
+
+def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
+    """The study's end as ``lifecycle.print_end`` prints every command's: the table, counts and
+    which settings leaked, the summary files, the runs table in MLflow, the ``--json`` line."""
+    from suite.execution.lifecycle import page_hint, print_end
+    from suite.execution.mlflow_ui import runs_link
+
+    counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(outcome.counts.items()))
+    files = [(label, path.resolve()) for label, path in (("summary", outcome.csv_path), ("figure", outcome.figure_path))
+             if path]
+    uri, exp_id = outcome.tracking_uri, outcome.experiment_id
+    hint = page_hint("compare runs: the study's runs table", uri, lambda base: runs_link(base, exp_id)) \
+        if uri and exp_id else None
+    print_end(out, table=format_table(outcome.rows), verdict=[f"{outcome.study}: {counts}", leak_sentence(outcome.rows)],
+              files=files, mlflow=hint, summary=outcome.to_json() if json_out else None)
