@@ -125,7 +125,7 @@ def check_variants(settings: Sequence[Setting], source: str) -> None:
     Cheap registry checks (nothing is built); ``timm:``/``torchvision:`` names are left to the
     runner. Without this a misspelt variant would surface hours into a study as a FAILED child.
     """
-    from variants.base import check_options, lookup
+    from variants.base import check_options, lookup, parse_variant_name
     from variants.weights import check_weights_spec
 
     seen: set[str] = set()
@@ -137,7 +137,7 @@ def check_variants(settings: Sequence[Setting], source: str) -> None:
         seen.add(key)
         try:
             check_weights_spec(cfg.weights)
-            if not cfg.variant.startswith(("timm:", "torchvision:")):
+            if not parse_variant_name(cfg.variant).external:
                 check_options(cfg.variant, lookup(cfg.variant).builder, cfg.variant_options)
         except GistressError as exc:
             raise GistressError(f"setting {s.index + 1} ({s.name}) of {source}: {exc.message}", exc.hint) from None
