@@ -309,16 +309,10 @@ def parse_sets(sets: Iterable[str]) -> tuple[dict, dict]:
     Values are parsed with ``yaml.safe_load`` (``50`` is an int, ``[0,1]`` a list, ``none`` the
     string 'none'); keys must exist (the error names the nearest one).
     """
+    from suite.keys import parse_assignments  # the key=value parsing study, attack and audit share
+
     overrides, study = {}, {}
-    for item in sets or ():
-        if "=" not in item:
-            raise GistressError(f"--set '{item}' is not key=value", "write e.g. --set attack.iterations=50")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw  # an unparsable value is taken literally (e.g. a path with odd characters)
+    for key, value in parse_assignments(sets, extra=("seeds", "images")).items():
         if key in ("seeds", "images"):
             if not isinstance(value, list):
                 value = [value]
@@ -328,7 +322,6 @@ def parse_sets(sets: Iterable[str]) -> tuple[dict, dict]:
                 raise GistressError(f"--set {key}= is empty", f"write e.g. --set {key}=[...]")
             study[key] = value
             continue
-        check_key(key, "--set", extra=("seeds", "images"))
         overrides[key] = value
     return overrides, study
 
