@@ -6,7 +6,7 @@ keys nested. Every key is checked against ``RunConfig`` and a misspelt one names
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -33,6 +33,7 @@ RUN_KEYS = key_tree(RunConfig)
 
 
 def all_dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a key tree, parents before their children."""
     out = []
     for k, sub in tree.items():
         out.append(prefix + k)
@@ -79,6 +80,7 @@ def check_keys(mapping: dict, where: str, *, prefix: str = "", extra: Sequence[s
 
 
 def subtree(dotted: str):
+    """The key tree under a valid dotted key: a dict, "open" (a free-form dict) or None (a leaf)."""
     node: Any = RUN_KEYS
     for part in dotted.split("."):
         if node == "open":
@@ -116,3 +118,64 @@ def deep_merge(base: dict, over: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value, read as YAML: ``50`` is an int, ``[0,1]`` a list, ``{stem: cifar}`` a dict,
+    ``null`` None and ``none`` the string 'none'. An empty value is ``''``; text YAML cannot parse
+    (a path with odd characters) is taken literally."""
+    import yaml
+
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_assignment(item: str, *, flag: str = "--set", example: str = "attack.iterations=50") -> tuple[str, Any]:
+    """Split one ``key=value`` at the first ``=`` and parse the value (the key is not checked)."""
+    if "=" not in item:
+        raise GistressError(f"{flag} '{item}' is not key=value", f"write e.g. {flag} {example}")
+    key, raw = item.split("=", 1)
+    return key.strip(), parse_value(raw)
+
+
+def parse_assignments(items: Iterable[str] | None, *, where: str = "--set",
+                      extra: Sequence[str] = ()) -> dict[str, Any]:
+    """``--set key=value`` items -> ``{dotted key: value}``, shared by ``study``, ``attack`` and ``audit``.
+
+    Every key must be a run-config key or one of ``extra`` (the error names the nearest valid
+    key). A key given twice keeps its last value, and the dict keeps the order the items were
+    last given in, so ``nest`` applies them in that order (later wins).
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, value = parse_assignment(item, flag=where)
+        check_key(key, where, extra=extra)
+        out.pop(key, None)
+        out[key] = value
+    return out
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested run-config overrides -> dotted leaves (``{'attack': {'tv': 0}}`` -> ``{'attack.tv': 0}``).
+
+    Free-form dicts (``variant_options``, ``attack.layer_weights``) stay whole values.
+    """
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = prefix + key
+        if isinstance(value, dict) and isinstance(_subtree_or_none(dotted), dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _subtree_or_none(dotted: str):
+    try:
+        return subtree(dotted)
+    except (KeyError, TypeError):
+        return None

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
-from suite.keys import check_key, deep_merge, nest
+from suite.keys import deep_merge, nest, parse_assignments
 from suite.studies.spec import STUDY_KEYS, StudySpec, check_zip, image_ids, load_spec
 
 
@@ -66,15 +65,7 @@ def parse_sets(sets: Iterable[str]) -> tuple[dict, dict]:
     string 'none'); keys must exist (the error names the nearest one).
     """
     overrides, study = {}, {}
-    for item in sets or ():
-        if "=" not in item:
-            raise GistressError(f"--set '{item}' is not key=value", "write e.g. --set attack.iterations=50")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw  # an unparsable value is taken literally (e.g. a path with odd characters)
+    for key, value in parse_assignments(sets, extra=("seeds", "images")).items():
         if key in ("seeds", "images"):
             if not isinstance(value, list):
                 value = [value]
@@ -84,7 +75,6 @@ def parse_sets(sets: Iterable[str]) -> tuple[dict, dict]:
                 raise GistressError(f"--set {key}= is empty", f"write e.g. --set {key}=[...]")
             study[key] = value
             continue
-        check_key(key, "--set", extra=("seeds", "images"))
         overrides[key] = value
     return overrides, study
 

@@ -9,53 +9,19 @@ from suite.errors import GistressError
 
 
 def add_parser(sub):
-    """Register the subcommand and its flags (threat model, attack recipe, data, output)."""
-    p = sub.add_parser("attack", help="run one gradient-inversion attack")
-    add_model_args(p)
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default="samples",
-                   help="samples | cifar10:<root> | imagefolder:<root> | coco:<images>:<annotations.json>")
-    d.add_argument("--image", action="append", default=[], help="image name/id (repeat or comma-separate)")
-    d.add_argument("--image-id", action="append", default=[], help="COCO image id (repeatable)")
-    d.add_argument("--batch", type=int, help="take the first N images of the source")
-    d.add_argument("--size", type=int, help="input size in pixels (default: the variant's)")
-    t = p.add_argument_group("threat model")
-    t.add_argument("--bn-mode", choices=["train", "eval"], default="train")
-    t.add_argument("--update", choices=["gradient", "fedavg"], default="gradient")
-    t.add_argument("--local-steps", type=int, default=1)
-    t.add_argument("--local-lr", type=float, default=0.01)
-    t.add_argument("--local-batch-size", type=int)
-    t.add_argument("--unknown-training", action="store_true",
-                   help="the server does not know the local hyper-parameters (matches the delta as one step)")
-    t.add_argument("--bn-stats", choices=["none", "running", "exact"], default="none")
-    t.add_argument("--no-labels", action="store_true", help="labels are not shared (inferred or joint)")
-    t.add_argument("--defense", default="none", help="qsgd:<bits> | sign | topk:<keep> | clip:<bound> | noise:<sigma>")
-    a = p.add_argument_group("attack")
-    a.add_argument("--preset", default="ig", help="ig | dlg | gia_bn")
-    a.add_argument("--objective", choices=["cosine", "l2"])
-    a.add_argument("--optimizer", choices=["adam", "lbfgs"])
-    a.add_argument("--lr", type=float)
-    a.add_argument("--tv", type=float)
-    a.add_argument("--bn-prior", type=float)
-    a.add_argument("--space", choices=["normalized", "pixel"],
-                   help="optimize the candidate in the variant's normalized space (presets) or in [0, 1] pixels")
-    a.add_argument("--keep", choices=["best", "last"],
-                   help="return the lowest-objective iterate (presets) or the final one")
-    a.add_argument("--iterations", type=int, default=300)
-    a.add_argument("--restarts", type=int, default=1)
-    a.add_argument("--restart-mode", choices=["auto", "batched", "sequential"], default=None,
-                   help="auto: batched (one vmapped pass) on CUDA where supported, else sequential")
-    a.add_argument("--init", choices=["random", "noisy_target", "file"])
-    a.add_argument("--noise-p", type=float)
-    a.add_argument("--noise-sigma", type=float)
-    a.add_argument("--init-file")
-    a.add_argument("--labels", choices=["auto", "joint"])
-    a.add_argument("--control", action="store_true", help="also run the prior-only control")
-    a.add_argument("--log-every", type=int, default=None,
-                   help="log step metrics every N steps (default: about 50 points per run)")
-    o = p.add_argument_group("run")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    """Register the subcommand: the flags of ``suite.cli.flags.FLAGS``, ``--set`` and the run flags."""
+    from suite.cli.flags import FLAGS, HelpFormatter, add_flags, add_set_flag
+
+    p = sub.add_parser(
+        "attack", help="run one gradient-inversion attack", formatter_class=HelpFormatter,
+        description="Run one gradient-inversion attack on one batch. Each flag below sets one run-config "
+                    "key, shown in [brackets]; --set KEY=VALUE sets any key and is applied after the "
+                    "flags, so for the same key --set wins.")
+    groups = add_flags(p, FLAGS)
+    groups["data"].add_argument("--batch", type=int, metavar="N",
+                                help="take the first N images of the source (instead of --image)")
+    add_set_flag(p.add_argument_group("any run-config key"))
+    o = groups["run"]
     o.add_argument("--out", default=None, help="output folder (default gistress-out/attack-<time>)")
     o.add_argument("--experiment", default="gistress-attack", help="MLflow experiment name")
     o.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
@@ -65,74 +31,30 @@ def add_parser(sub):
     return p
 
 
-def add_model_args(p) -> None:
-    """The model flags shared by ``attack`` and ``audit``."""
-    g = p.add_argument_group("model")
-    g.add_argument("--variant", required=True, help="variant name, timm:<name> or torchvision:<name>")
-    g.add_argument("--stem", choices=["cifar", "imagenet"], help="ResNet/modern stem")
-    g.add_argument("--width", type=int, help="base width (ResNets, convnet)")
-    g.add_argument("--num-classes", type=int, help="classifier classes")
-    g.add_argument("--nc", type=int, help="YOLO classes")
-    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="any other variant option")
-    g.add_argument("--weights", default="random", help="random | calibrated | pretrained | file:<path>")
-    g.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling of the weights file (only for files you trust)")
-
-
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def config_from_args(args):
-    """The RunConfig the flags describe (validation errors become one-line GistressErrors)."""
-    from pydantic import ValidationError
+    """The RunConfig the command line describes: the flags, then ``--set`` on top (later wins).
 
-    from suite.config import RunConfig, first_error
+    Without images, ``--batch N`` takes the first N of the source, and a source other than
+    ``samples`` its first image. Validation errors become one-line GistressErrors.
+    """
+    from suite.cli.flags import FLAGS, overrides, run_config
+    from suite.config import RunConfig
 
-    options = {}
-    for key, flag in (("stem", args.stem), ("width", args.width), ("num_classes", args.num_classes), ("nc", args.nc)):
-        if flag is not None:
-            options[key] = flag
-    for item in args.opt:
-        if "=" not in item:
-            raise GistressError(f"--opt {item!r} is not KEY=VALUE", "write e.g. --opt cut_skips=[0,1]")
-        k, v = item.split("=", 1)
-        options[k.strip()] = _parse_value(v)
-    images = [s for item in args.image for s in item.split(",") if s] + list(args.image_id)
-    if not images and args.batch:
+    fields = overrides(args, FLAGS)
+    source = fields.get("data", RunConfig.model_fields["data"].default)
+    batch = getattr(args, "batch", None)
+    if "images" not in fields and batch:
         from suite import data
         from variants.base import task_of
 
-        task = task_of(args.variant)
-        ids = data.list_ids(args.data, task=task)
-        if args.batch > len(ids):
-            raise GistressError(f"batch of {args.batch} asked, the data has {len(ids)} images",
+        ids = data.list_ids(source, task=task_of(fields.get("variant")))
+        if batch > len(ids):
+            raise GistressError(f"batch of {batch} asked, the data has {len(ids)} images",
                                 f"use --batch {len(ids)} or less")
-        images = ids[: args.batch]
-    attack = {k: v for k, v in dict(
-        preset=args.preset, objective=args.objective, optimizer=args.optimizer, lr=args.lr, tv=args.tv,
-        bn_prior=args.bn_prior, iterations=args.iterations, restarts=args.restarts,
-        restart_mode=args.restart_mode, init=args.init,
-        noise_p=args.noise_p, noise_sigma=args.noise_sigma, init_file=args.init_file, labels=args.labels,
-        control=args.control, log_every=args.log_every, space=args.space, keep=args.keep,
-    ).items() if v is not None}
-    threat = dict(bn_mode=args.bn_mode, update=args.update, local_steps=args.local_steps,
-                  local_lr=args.local_lr, local_batch_size=args.local_batch_size,
-                  attacker_knows_training=not args.unknown_training, shares_labels=not args.no_labels,
-                  bn_stats=args.bn_stats, defense=args.defense)
-    fields = dict(variant=args.variant, variant_options=options, weights=args.weights,
-                  trust_checkpoint=args.trust_checkpoint, data=args.data, size=args.size, seed=args.seed,
-                  device=args.device, threat=threat, attack=attack)
-    if images:
-        fields["images"] = images
-    elif args.data != "samples":
+        fields["images"] = ids[:batch]
+    elif "images" not in fields and source != "samples":
         fields["images"] = []
-    try:
-        cfg = RunConfig(**fields)
-    except ValidationError as exc:
-        raise GistressError(first_error(exc), "see `gistress attack --help`") from None
+    cfg = run_config(fields, "gistress attack")
     if not cfg.images:
         from suite import data
         from variants.base import task_of

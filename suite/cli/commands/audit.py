@@ -2,39 +2,47 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from suite.errors import GistressError
 
+# The table entries ``gistress audit`` takes: the model, the data, the seed and device, and
+# --iterations (attack.iterations: every level's, instead of the budget's).
+AUDIT_FLAGS = ("--variant", "--stem", "--width", "--num-classes", "--nc", "--opt", "--weights",
+               "--trust-checkpoint", "--data", "--image", "--size", "--iterations", "--seed", "--device")
+AUDIT_HELPS = {
+    "--image": "audit this image (repeat or comma-separate); instead of --images",
+    "--size": "input size in pixels (default: set by --level)",
+    "--iterations": "every level's iterations instead of the budget's (tests, smoke runs; recorded in "
+                    "the report)",
+}
+SET_HELP = ("set a run-config key for every level, e.g. --set attack.restarts=2 or --set threat.defense=qsgd:8 "
+            "(repeatable; the value is read as YAML). Applied after the flags, so --set wins over the flag "
+            "for the same key. The keys the battery's levels set themselves (their threat grants, "
+            "attack.preset, attack.control) are refused; see docs/audit.md")
+
 
 def add_parser(sub):
-    """Register the subcommand and its flags (model, data, budget, output)."""
+    """Register the subcommand and its flags (model, data, budget, --set, output)."""
+    from suite.cli.flags import HelpFormatter, add_flags, add_set_flag, flags
+
     p = sub.add_parser(
         "audit", help="leakage audit of one model: a battery of threat levels and a verdict",
+        formatter_class=HelpFormatter,
         description="Attack the model under a fixed battery of threat levels (realistic to upper bound), "
-                    "each a child of one MLflow run, and write a verdict report.")
-    from suite.cli.commands.attack import add_model_args
-
-    add_model_args(p)
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default="samples",
-                   help="samples | cifar10:<root> | imagefolder:<root> | coco:<images>:<annotations.json>")
-    d.add_argument("--images", type=int, metavar="N",
-                   help="audit the first N images of the source (default: 2 quick, 8 thorough)")
-    d.add_argument("--image", action="append", default=[], metavar="NAME",
-                   help="audit this image (repeat or comma-separate); instead of --images")
-    d.add_argument("--size", type=int, help="input size in pixels (default: set by --level)")
+                    "each a child of one MLflow parent run, and write a verdict report. Each model, data "
+                    "and budget flag sets one run-config key, shown in [brackets]; --set KEY=VALUE sets "
+                    "any other key of the config every level starts from and is applied after the flags.")
+    groups = add_flags(p, flags(*AUDIT_FLAGS), helps=AUDIT_HELPS)
+    groups["data"].add_argument("--images", type=int, metavar="N",
+                                help="audit the first N images of the source (default: 2 quick, 8 thorough)")
     b = p.add_argument_group("audit")
     b.add_argument("--level", default="quick", help="quick (laptop CPU, minutes) | thorough (GPU, paper scale)")
-    b.add_argument("--iterations", type=int,
-                   help="override every level's iterations (tests, smoke runs; recorded in the report)")
     b.add_argument("--no-positive-control", action="store_true",
                    help="skip each level's positive control (the same attack and budget on a known-leaky "
                         "reference model); without it 'no leak' is unchecked")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    add_set_flag(b, SET_HELP)
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default gistress-out/audit-<time>)")
     o.add_argument("--experiment", default="gistress-audit", help="MLflow experiment name")
@@ -44,49 +52,111 @@ def add_parser(sub):
     return p
 
 
-def base_config(args):
-    """The audit's base RunConfig (model, weights, data, images, size, seed, device).
+def fixed_keys() -> set[str]:
+    """The dotted keys the battery's levels set themselves: every threat-model key a level grants
+    (the realistic client's included), the attack preset and the prior-only control. ``--set`` on
+    one of them is refused: it would change what the level measures."""
+    from suite.audit import BATTERY, REALISTIC
 
-    Built through ``gistress attack``'s own flag handling, so variant options, weights and
-    image names behave exactly as they do there.
+    threat = set(REALISTIC).union(*(lv.threat for lv in BATTERY))
+    return {f"threat.{k}" for k in threat} | {"attack.preset", "attack.control"}
+
+
+def user_overrides(args) -> dict:
+    """The run-config overrides of the command line (flags, then --set), nested."""
+    from suite.cli.flags import flags, overrides
+
+    return overrides(args, flags(*AUDIT_FLAGS))
+
+
+def base_config(args, fields: dict | None = None):
+    """The audit's base RunConfig: the flags and --set (``fields``, nested), with the images resolved.
+
+    Images are the ones named (--image or --set images=...), else the first --images N of the
+    source (default: the level's count).
     """
     from suite.audit import budget_for
-    from suite.cli.commands import attack
+    from suite.cli.flags import run_config
+    from suite.config import RunConfig
 
+    fields = dict(user_overrides(args) if fields is None else fields)
     budget = budget_for(args.level)
-    images = [s for item in args.image for s in item.split(",") if s]
-    if images and args.images is not None:
+    if fields.get("images") and args.images is not None:
         raise GistressError("--images and --image both given", "pass --images N or name images with --image")
-    if not images:
-        images = _first_images(args, args.images if args.images is not None else budget.default_images,
-                               explicit=args.images is not None)
-    ns = attack.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["--variant", args.variant])
-    for key in ("stem", "width", "num_classes", "nc", "opt", "weights", "trust_checkpoint", "data", "size",
-                "seed", "device"):
-        setattr(ns, key, getattr(args, key))
-    ns.image = images
-    return attack.config_from_args(ns)
+    if not fields.get("images"):
+        source = fields.get("data", RunConfig.model_fields["data"].default)
+        fields["images"] = _first_images(source, fields.get("variant"),
+                                         args.images if args.images is not None else budget.default_images,
+                                         explicit=args.images is not None)
+    return run_config(fields, "gistress audit")
 
 
-def _first_images(args, count: int, *, explicit: bool) -> list[str]:
+def plan_from_args(args):
+    """The audit plan the command line describes, validated; nothing is written.
+
+    ``--set`` overrides the config every level starts from: top-level keys (weights, size, data,
+    ...) go into the base config before planning, ``attack.iterations`` replaces every level's
+    budget (as ``--iterations`` does), and the other ``threat.*`` / ``attack.*`` keys are applied to
+    every planned level and its positive control. Keys the levels set themselves (``fixed_keys``)
+    are refused.
+    """
+    from suite.audit import plan_audit
+    from suite.keys import flatten
+
+    fields = user_overrides(args)
+    level_keys = {k: v for k, v in flatten(fields).items() if k.split(".")[0] in ("threat", "attack")}
+    fixed = sorted(set(level_keys) & fixed_keys())
+    if fixed:
+        raise GistressError(f"{', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by the audit's "
+                            "threat levels themselves "
+                            "(each level's grants, preset and control are what it measures)",
+                            "leave it out, or run one setting with `gistress attack --set ...`")
+    cfg = base_config(args, fields)
+    iterations = level_keys.pop("attack.iterations", None)
+    plan = plan_audit(cfg, args.level, iterations=iterations, positive_control=not args.no_positive_control)
+    if level_keys:
+        apply_to_levels(plan, level_keys)
+    if args.sets:
+        plan.notes.append(f"overrides given with --set: {' '.join(args.sets)}; applied to the config every "
+                          f"level starts from (threat and attack keys to every level and its positive "
+                          f"control); not comparable to a standard {plan.budget.name} audit")
+    return plan
+
+
+def apply_to_levels(plan, level_keys: dict) -> None:
+    """Apply dotted ``threat.*`` / ``attack.*`` overrides to every planned level and its positive
+    control, re-validating each config and recomputing the level's assumption level."""
+    from pydantic import ValidationError
+
+    from suite.config import RunConfig, first_error
+    from suite.keys import deep_merge, nest
+
+    over = nest(level_keys)
+    for pl in plan.levels:
+        try:
+            pl.config = RunConfig(**deep_merge(pl.config.model_dump(), over))
+            if pl.control is not None:
+                pl.control = RunConfig(**deep_merge(pl.control.model_dump(), over))
+        except ValidationError as exc:
+            raise GistressError(f"level {pl.number} ({pl.level.key}): {first_error(exc)}",
+                                "change or drop that --set") from None
+        pl.assumption_level = pl.config.assumption_level(plan.task, has_bn=plan.has_bn)
+
+
+def _first_images(source: str, variant: str, count: int, *, explicit: bool) -> list[str]:
     """The first ``count`` ids of the source (the default count is capped at what exists)."""
     from suite import data
+    from variants.base import task_of
 
     if isinstance(count, bool) or count < 1:
         raise GistressError(f"--images {count} must be a positive integer", "pass e.g. --images 2")
-    ids = data.list_ids(args.data, task=_task(args.variant))
+    ids = data.list_ids(source, task=task_of(variant))
     if not ids:
-        raise GistressError(f"data source '{args.data}' has no images", "point --data at a folder with images")
+        raise GistressError(f"data source '{source}' has no images", "point --data at a folder with images")
     if explicit and count > len(ids):
         raise GistressError(f"--images {count} asked, the data has {len(ids)} images",
                             f"use --images {len(ids)} or less")
     return ids[:count]
-
-
-def _task(variant: str) -> str:
-    from variants.base import task_of
-
-    return task_of(variant)
 
 
 def run(args) -> int:
@@ -94,18 +164,19 @@ def run(args) -> int:
 
     Exit code (``lifecycle.exit_code``): 0 every level finished, 1 some level failed, 130 interrupted.
     """
-    from suite.audit import format_table, plan_audit, run_audit, verdict_rows
+    from suite.audit import format_table, run_audit, verdict_rows
     from suite.execution.lifecycle import page_hint, print_end
     from suite.execution.mlflow_ui import run_link
     from suite.execution.tracking import check_reachable, resolve_tracking_uri
 
-    cfg = base_config(args)
-    plan = plan_audit(cfg, args.level, iterations=args.iterations, positive_control=not args.no_positive_control)
+    plan = plan_from_args(args)
     uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(uri)
     out = Path(args.out) if args.out else _default_out()
     progress = not args.quiet and _isatty()
     result = run_audit(plan, out_dir=out, experiment=args.experiment, tracking_uri=uri, progress=progress)
+    if args.sets:
+        _tag_overrides(uri, result.parent_run_id, args.sets)
     files = [("report", f"{result.files['report.md'].resolve()} (and report.html)")] if "report.md" in result.files \
         else []
     parent, exp_id = result.parent_run_id, result.experiment_id
@@ -114,6 +185,21 @@ def run(args) -> int:
     print_end(None, table=format_table(verdict_rows(result.outcomes)), verdict=[result.verdict], files=files,
               mlflow=hint, summary=result.to_json() if args.json else None)
     return result.exit_code
+
+
+def _tag_overrides(uri: str, run_id: str | None, sets: list[str]) -> None:
+    """Record the --set items on the parent run (tag ``audit.set``; best effort, like the report)."""
+    import sys
+
+    from suite.execution.tracking import client_for
+
+    if not run_id:
+        return
+    try:
+        client_for(uri).set_tag(run_id, "audit.set", " ".join(sets)[:5000])
+    except Exception as exc:  # noqa: BLE001 - the audit ran; a missing tag must not hide its verdict
+        print(f"warning: --set overrides not tagged on the parent run ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
 
 
 def _default_out() -> Path:
