@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from suite.audit.battery import BATTERY, REALISTIC, Budget, ThreatLevel, budget_for
 from suite.audit.positive_control import control_config, reference_for
-from suite.config import RunConfig
+from suite.config import RunConfig, first_error
 from suite.errors import GistressError
+from suite.keys import deep_merge, nest
 
 
 @dataclass
@@ -63,6 +66,7 @@ class AuditPlan:
     iterations_override: int | None = None
     positive_control: bool = True     # run each level's positive control (--no-positive-control: off)
     reference: str | None = None      # the known-leaky reference model, when the task has one
+    overrides: list[str] = field(default_factory=list)  # the user's --set items (tag audit.set)
 
     def battery_lines(self) -> list[str]:
         """Every battery entry in order, with its config summary or the reason it is skipped."""
@@ -191,3 +195,26 @@ def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images
                        "threat": threat, "attack": attack})
     level = cfg.assumption_level(task, has_bn=has_bn)
     return PlannedLevel(number=number, level=lv, config=cfg, assumption_level=level, notes=notes)
+
+
+def fixed_keys() -> set[str]:
+    """The dotted keys the battery's levels set themselves: every threat-model key a level grants
+    (the realistic client's included), the attack preset and the prior-only control. ``--set`` on
+    one of them is refused: it would change what the level measures."""
+    threat = set(REALISTIC).union(*(lv.threat for lv in BATTERY))
+    return {f"threat.{k}" for k in threat} | {"attack.preset", "attack.control"}
+
+
+def apply_to_levels(plan, level_keys: dict) -> None:
+    """Apply dotted ``threat.*`` / ``attack.*`` overrides to every planned level and its positive
+    control, re-validating each config and recomputing the level's assumption level."""
+    over = nest(level_keys)
+    for pl in plan.levels:
+        try:
+            pl.config = RunConfig(**deep_merge(pl.config.model_dump(), over))
+            if pl.control is not None:
+                pl.control = RunConfig(**deep_merge(pl.control.model_dump(), over))
+        except ValidationError as exc:
+            raise GistressError(f"level {pl.number} ({pl.level.key}): {first_error(exc)}",
+                                "change or drop that --set") from None
+        pl.assumption_level = pl.config.assumption_level(plan.task, has_bn=plan.has_bn)

@@ -101,7 +101,8 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
     parent_id = lifecycle.create_parent_run(
         client, exp_id, kind=KIND, command="audit",
         run_name=f"audit {base.variant} {plan.budget.name} {time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"variant": base.variant, "audit.budget": plan.budget.name, "n_levels": len(plan.levels)},
+        tags={"variant": base.variant, "audit.budget": plan.budget.name, "n_levels": len(plan.levels),
+              **({"audit.set": " ".join(plan.overrides)} if plan.overrides else {})},
         params={"variant": base.variant, "weights": base.weights, "data": base.data, "images": ",".join(plan.images),
                 "size": plan.size, "seed": base.seed, "device": base.device, "audit_level": plan.budget.name,
                 "iterations_override": plan.iterations_override or "none", "client_batch_size": 1,

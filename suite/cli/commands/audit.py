@@ -52,16 +52,6 @@ def add_parser(sub):
     return p
 
 
-def fixed_keys() -> set[str]:
-    """The dotted keys the battery's levels set themselves: every threat-model key a level grants
-    (the realistic client's included), the attack preset and the prior-only control. ``--set`` on
-    one of them is refused: it would change what the level measures."""
-    from suite.audit import BATTERY, REALISTIC
-
-    threat = set(REALISTIC).union(*(lv.threat for lv in BATTERY))
-    return {f"threat.{k}" for k in threat} | {"attack.preset", "attack.control"}
-
-
 def user_overrides(args) -> dict:
     """The run-config overrides of the command line (flags, then --set), nested."""
     from suite.cli.flags import flags, overrides
@@ -100,7 +90,7 @@ def plan_from_args(args):
     every planned level and its positive control. Keys the levels set themselves (``fixed_keys``)
     are refused.
     """
-    from suite.audit import plan_audit
+    from suite.audit import apply_to_levels, fixed_keys, plan_audit
     from suite.keys import flatten
 
     fields = user_overrides(args)
@@ -117,30 +107,11 @@ def plan_from_args(args):
     if level_keys:
         apply_to_levels(plan, level_keys)
     if args.sets:
+        plan.overrides = list(args.sets)
         plan.notes.append(f"overrides given with --set: {' '.join(args.sets)}; applied to the config every "
                           f"level starts from (threat and attack keys to every level and its positive "
                           f"control); not comparable to a standard {plan.budget.name} audit")
     return plan
-
-
-def apply_to_levels(plan, level_keys: dict) -> None:
-    """Apply dotted ``threat.*`` / ``attack.*`` overrides to every planned level and its positive
-    control, re-validating each config and recomputing the level's assumption level."""
-    from pydantic import ValidationError
-
-    from suite.config import RunConfig, first_error
-    from suite.keys import deep_merge, nest
-
-    over = nest(level_keys)
-    for pl in plan.levels:
-        try:
-            pl.config = RunConfig(**deep_merge(pl.config.model_dump(), over))
-            if pl.control is not None:
-                pl.control = RunConfig(**deep_merge(pl.control.model_dump(), over))
-        except ValidationError as exc:
-            raise GistressError(f"level {pl.number} ({pl.level.key}): {first_error(exc)}",
-                                "change or drop that --set") from None
-        pl.assumption_level = pl.config.assumption_level(plan.task, has_bn=plan.has_bn)
 
 
 def _first_images(source: str, variant: str, count: int, *, explicit: bool) -> list[str]:
@@ -175,8 +146,6 @@ def run(args) -> int:
     out = Path(args.out) if args.out else _default_out()
     progress = not args.quiet and _isatty()
     result = run_audit(plan, out_dir=out, experiment=args.experiment, tracking_uri=uri, progress=progress)
-    if args.sets:
-        _tag_overrides(uri, result.parent_run_id, args.sets)
     files = [("report", f"{result.files['report.md'].resolve()} (and report.html)")] if "report.md" in result.files \
         else []
     parent, exp_id = result.parent_run_id, result.experiment_id
@@ -185,21 +154,6 @@ def run(args) -> int:
     print_end(None, table=format_table(verdict_rows(result.outcomes)), verdict=[result.verdict], files=files,
               mlflow=hint, summary=result.to_json() if args.json else None)
     return result.exit_code
-
-
-def _tag_overrides(uri: str, run_id: str | None, sets: list[str]) -> None:
-    """Record the --set items on the parent run (tag ``audit.set``; best effort, like the report)."""
-    import sys
-
-    from suite.execution.tracking import client_for
-
-    if not run_id:
-        return
-    try:
-        client_for(uri).set_tag(run_id, "audit.set", " ".join(sets)[:5000])
-    except Exception as exc:  # noqa: BLE001 - the audit ran; a missing tag must not hide its verdict
-        print(f"warning: --set overrides not tagged on the parent run ({type(exc).__name__}: {exc})",
-              file=sys.stderr)
 
 
 def _default_out() -> Path:
