@@ -101,4 +101,4 @@ def test_every_subpackage_says_what_lives_there_and_what_it_may_import():
         assert "import" in text.lower(), f"{readme.relative_to(REPO)} does not say what the package may import"
         for module in pkg.glob("*.py"):
             if module.name != "__init__.py":
-                assert module.stem in text, f"{readme.relative_to(REPO)} does not mention {module.name}"
+                assert f"`{module.name}`" in text, f"{readme.relative_to(REPO)} has no row for `{module.name}`"
