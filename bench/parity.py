@@ -120,7 +120,7 @@ def objectives_at(case: Case, v, obs, z0) -> tuple[float, float]:
 
     g = _gistress(case, v, obs, 1, 0)
     z = z0.clone().requires_grad_(True)
-    ours = float(g._objective(g.to_pixels(z), g.labels, False, z)[0]) / case.objective_scale
+    ours = float(g.objective(g.to_pixels(z), g.labels, False, z)[0]) / case.objective_scale
     b, payload, shared = _breaching(case, v, obs, 1)
     with contextlib.redirect_stdout(io.StringIO()):
         models, labels, _ = b.prepare_attack(payload, shared)
@@ -161,7 +161,7 @@ def run_case(case: Case, iterations: int, seed: int) -> dict:
     rec_b = (out["data"].detach() * std + mean).clamp(0, 1)
 
     g = _gistress(case, v, obs, iterations, seed)
-    evals_g = _count_calls(g, "_objective")
+    evals_g = _count_calls(g, "objective")
     t0 = time.perf_counter()
     rec_g = g.reconstruct([z0 * std + mean]).images
     t_g = time.perf_counter() - t0

@@ -168,7 +168,7 @@ def test_modern_224_attack_step_gives_finite_nonzero_input_gradient(name):
     from suite.attack.attacker import math_attention
 
     with math_attention():
-        total, _ = att._objective(start, att.labels, control=False)
+        total, _ = att.objective(start, att.labels, control=False)
         (grad,) = torch.autograd.grad(total, start)
     assert torch.isfinite(grad).all()
     assert grad.abs().sum() > 0

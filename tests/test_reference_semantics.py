@@ -41,7 +41,7 @@ def test_one_step_moves_each_normalized_pixel_by_lr_in_the_sign_of_its_gradient(
     att = Attacker(v, obs, spec, seed=0)
     x0 = 0.5 + 0.05 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # far from the box
     z0 = att.to_candidate(x0).requires_grad_(True)
-    total, _ = att._objective(att.to_pixels(z0), att.labels, False, z0)
+    total, _ = att.objective(att.to_pixels(z0), att.labels, False, z0)
     (grad,) = torch.autograd.grad(total, z0)
     z1 = att.to_candidate(att.reconstruct([x0]).images)
     step = z1 - z0.detach()
@@ -93,7 +93,7 @@ def test_keep_best_returns_the_lowest_objective_iterate_not_the_last(lenet_obs):
     totals = [h["total"] for h in r_last.history]
     assert min(totals) < totals[-1]  # the trajectory did get worse
     x_best = r_best.images.requires_grad_(False)
-    objective = lambda att, x: float(att._objective(x, att.labels, False, att.to_candidate(x))[0].detach())  # noqa: E731
+    objective = lambda att, x: float(att.objective(x, att.labels, False, att.to_candidate(x))[0].detach())  # noqa: E731
     assert objective(best, x_best) <= objective(last, r_last.images) + 1e-6
 
 

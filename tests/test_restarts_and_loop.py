@@ -82,12 +82,12 @@ def test_batched_objective_gradient_matches_sequential_in_train_mode_bn_with_bn_
     expected = []
     for r in range(2):
         x = starts[r].clone().requires_grad_(True)
-        total, _ = att._objective(x, att.labels, control=False)
+        total, _ = att.objective(x, att.labels, control=False)
         expected.append(torch.autograd.grad(total, [x])[0])
     xs = starts.clone().requires_grad_(True)
     functional = (dict(zip(att.names, att.params)), dict(att.model.named_buffers()))
     with vmappable_batch_norm(att.model):
-        totals, parts = torch.func.vmap(lambda x: att._objective(x, att.labels, False, functional=functional))(xs)
+        totals, parts = torch.func.vmap(lambda x: att.objective(x, att.labels, False, functional=functional))(xs)
     assert "bn_prior" in parts and parts["bn_prior"].shape == (2,)
     got = torch.autograd.grad(totals.sum(), [xs])[0]
     for r in range(2):

@@ -207,7 +207,7 @@ class Attacker:
         loss = loss_fn(self.model(x))
         return list(torch.autograd.grad(loss, self.params, create_graph=create_graph))
 
-    def _objective(self, x: torch.Tensor, loss_fn, control: bool, candidate: torch.Tensor | None = None,
+    def objective(self, x: torch.Tensor, loss_fn, control: bool, candidate: torch.Tensor | None = None,
                    functional: tuple[dict, dict] | None = None):
         """Total objective and its parts at pixels ``x``; TV acts on ``candidate`` (the optimized
         tensor in ``spec.space``, default ``x``)."""
@@ -374,7 +374,7 @@ class Attacker:
             values = {k: float(v.detach()) for k, v in parts.items()}
             history.append(_record(step, values, self.to_pixels(z.detach()), callback))
 
-        outcome = descend(self.spec, [z] + extra, lambda: self._objective(self.to_pixels(z), loss_fn, control, z),
+        outcome = descend(self.spec, [z] + extra, lambda: self.objective(self.to_pixels(z), loss_fn, control, z),
                           log, self.box(), batched=False)
         best = outcome.variables
         if extra:
@@ -397,7 +397,7 @@ class Attacker:
 
         def one(zr, sr):
             loss_fn = self.labels if sr is None else ClassificationLoss(soft_logits=sr)
-            return self._objective(self.to_pixels(zr), loss_fn, control, zr, functional=functional)
+            return self.objective(self.to_pixels(zr), loss_fn, control, zr, functional=functional)
 
         batched = torch.func.vmap(one, in_dims=(0, None if soft is None else 0), randomness="different")
 
