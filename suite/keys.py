@@ -120,6 +120,13 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def image_ids(value):
+    """COCO image ids written as numbers (``images: [139, 285]``) are names too."""
+    if isinstance(value, list):
+        return [image_ids(v) for v in value]
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def parse_value(raw: str) -> Any:
     """A ``--set`` value, read as YAML: ``50`` is an int, ``[0,1]`` a list, ``{stem: cifar}`` a dict,
     ``null`` None and ``none`` the string 'none'. An empty value is ``''``; text YAML cannot parse

@@ -250,14 +250,13 @@ def overrides(args: argparse.Namespace, entries: Sequence[Flag], *, where: str =
     ``--set`` keys are checked (a misspelt one names the nearest valid key); ``images`` takes one
     name or a list, numbers being COCO ids.
     """
-    from suite.keys import deep_merge, nest, parse_assignments
+    from suite.keys import deep_merge, image_ids, nest, parse_assignments
 
     sets = parse_assignments(getattr(args, "sets", None), where=where)
     merged = deep_merge(nest(flag_overrides(args, entries)), nest(sets))
     if "images" in merged:
         value = merged["images"]
-        items = value if isinstance(value, list) else [value]
-        merged["images"] = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in items]
+        merged["images"] = image_ids(value if isinstance(value, list) else [value])
     return merged
 
 

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
-from suite.keys import deep_merge, nest, parse_assignments
-from suite.studies.spec import STUDY_KEYS, StudySpec, check_zip, image_ids, load_spec
+from suite.keys import deep_merge, image_ids, nest, parse_assignments
+from suite.studies.spec import STUDY_KEYS, StudySpec, check_zip, load_spec
 
 
 @dataclass

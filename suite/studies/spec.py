@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from suite.errors import GistressError, close_matches
-from suite.keys import check_key, check_keys
+from suite.keys import check_key, check_keys, image_ids
 
 STUDY_KEYS = ("seeds", "images", "grid", "zip")  # keys of a profile / --set that are not RunConfig's
 
@@ -83,13 +83,6 @@ class StudySpec(BaseModel):
         if self.zip is None:
             return []
         return [self.zip] if isinstance(self.zip, dict) else list(self.zip)
-
-
-def image_ids(value):
-    """COCO image ids written as numbers (``images: [139, 285]``) are names too."""
-    if isinstance(value, list):
-        return [image_ids(v) for v in value]
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 # ---------------------------------------------------------------------------------------------
