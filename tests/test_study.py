@@ -762,3 +762,38 @@ def test_figure_specs_have_a_cpu_profile_with_the_control(name):
     assert all(s.config.attack.control or s.config.attack.init == "noisy_target" for s in cpu)
     assert min(s.config.attack.iterations for s in cpu) >= 300 > max(s.config.attack.iterations for s in smoke)
     assert len({s.image for s in cpu}) == 1
+
+
+def test_profile_zip_over_grid_axes_steps_them_together(tmp_path):
+    p = write(tmp_path, """
+name: pairs
+base: {attack: {iterations: 3}, size: 32}
+grid:
+  variant: [resnet18, preact_resnet18, convnet]
+  threat.bn_mode: [eval, train]
+  seed: [0, 1]
+profiles:
+  cpu:
+    zip: {variant: [resnet18, convnet], threat.bn_mode: [train, eval]}
+""")
+    assert len(expand_settings(p)) == 3 * 2 * 2
+    cpu = expand_settings(p, "cpu")
+    pairs = sorted({(s.config.variant, s.config.threat.bn_mode) for s in cpu})
+    assert pairs == [("convnet", "eval"), ("resnet18", "train")]
+    assert len(cpu) == 2 * 2  # the remaining grid axis (seed) still crosses the pairs
+    bad = write(tmp_path, p.read_text().replace("[resnet18, convnet], threat", "[resnet18], threat"))
+    with pytest.raises(GistressError, match=r"zip axes in .*spec.yaml:\d+ \(profile 'cpu' zip\) have different"):
+        expand(bad)  # refused when the spec loads, naming the profile's line
+
+
+def test_profile_zip_mixing_grid_and_zip_axes_is_refused(tmp_path):
+    p = write(tmp_path, """
+name: mixed
+base: {attack: {iterations: 3}, size: 32}
+grid: {threat.bn_mode: [eval, train]}
+zip: {variant: [resnet18, convnet], seed: [0, 1]}
+profiles:
+  cpu: {zip: {variant: [convnet], threat.bn_mode: [train]}}
+""")
+    with pytest.raises(GistressError, match=r"mixes grid axes \(threat.bn_mode\) with zip axes"):
+        expand(p, "cpu")

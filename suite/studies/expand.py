@@ -2,7 +2,8 @@
 
 Each setting's config is ``base <- {seed, images} <- grid/zip point <- profile <- --set`` (deep
 merge: dicts merge, other values replace). In a profile (and in ``--set``), ``images`` is the
-list of per-run images and ``grid``/``zip`` replace the values of existing axes. Settings that
+list of per-run images and ``grid``/``zip`` replace the values of existing axes; a profile's
+``zip`` over grid axes steps those axes together instead of crossing them. Settings that
 come out identical (same config hash) run once. A setting's name says only what differs between
 settings (the constants are params and tags).
 
@@ -151,8 +152,16 @@ def expand_settings(spec: StudySpec | str | Path, profile: str | None = None,
 
     grid = dict(spec.grid)
     groups = [dict(g) for g in spec.zip_groups()]
-    for key in ("grid", "zip"):
-        for axis, values in (prof.get(key) or {}).items():
+    prof_zip = prof.get("zip") or {}
+    if prof_zip and all(axis in grid for axis in prof_zip):
+        # a profile zipping grid axes steps them together instead of crossing them, e.g. a cheap
+        # profile running 4 chosen (variant, bn_mode) pairs out of the paper's 4 x 2 grid
+        for axis in prof_zip:
+            del grid[axis]
+        groups.append(dict(prof_zip))
+        prof_zip = {}
+    for overrides in (prof.get("grid") or {}, prof_zip):
+        for axis, values in overrides.items():
             if axis in grid:
                 grid[axis] = values
             for g in groups:

@@ -16,7 +16,8 @@ A spec (``runs/*.yaml``) has::
     executor: {slurm_partition: gpu, gpus_per_node: 1, timeout_min: 600, slurm_array_parallelism: 8}
 
 In a profile (and in ``--set``), ``seeds``/``images``/``grid``/``zip`` are study-level keys
-(``STUDY_KEYS``); every other key overrides the RunConfig. How a spec becomes settings:
+(``STUDY_KEYS``); every other key overrides the RunConfig. A profile's ``zip`` over grid axes
+steps them together (``fig5_yolo``'s ``cpu`` profile runs 4 chosen pairs of its 4 x 2 grid). How a spec becomes settings:
 ``suite.studies.expand``.
 """
 
@@ -238,6 +239,15 @@ def _check_profile(spec: StudySpec, pname: str, prof: dict, where: str) -> None:
             if not isinstance(values, list) or not values:
                 raise GistressError(f"profile '{pname}' axis '{axis}' in {where} must be a non-empty list",
                                     "write e.g. [0.8, 1.0]")
+    zipped = prof.get("zip") or {}
+    in_grid = [axis for axis in zipped if axis in spec.grid]
+    if in_grid and len(in_grid) != len(zipped):
+        raise GistressError(
+            f"profile '{pname}' zip in {where} mixes grid axes ({', '.join(in_grid)}) with zip axes",
+            "a profile's zip either steps grid axes together or replaces one zip group's values",
+        )
+    if in_grid:
+        check_zip(zipped, f"{where} (profile '{pname}' zip)")
     for key in ("seeds", "images"):
         if key in prof and (not isinstance(prof[key], list) or not prof[key]):
             raise GistressError(f"profile '{pname}' {key} in {where} must be a non-empty list",
