@@ -215,8 +215,24 @@ def summarize(rows: list[dict]) -> list[dict]:
             eval_time_ratio=statistics.median(r["s_per_eval_gistress"] / r["s_per_eval_breaching"] for r in rs)
             if all("s_per_eval_gistress" in r for r in rs) else None,
             max_objective_gap=max(abs(r["objective_gistress"] - r["objective_breaching"]) for r in rs),
+            **paired_difference([r["psnr_gistress"] - r["psnr_breaching"] for r in rs]),
         ))
     return out
+
+
+def paired_difference(diffs: list[float], level: float = 0.95) -> dict:
+    """Mean seed-paired PSNR difference (gistress - breaching) and its Student-t interval.
+
+    Both engines start each seed from the same image, so the per-seed difference is the
+    comparison; its interval says whether the seeds tell the engines apart at all (one seed: none).
+    """
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return dict(psnr_diff_mean=mean, psnr_diff_low=None, psnr_diff_high=None)
+    from scipy import stats
+
+    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return dict(psnr_diff_mean=mean, psnr_diff_low=mean - half, psnr_diff_high=mean + half)
 
 
 def markdown(summary: list[dict], figure: str | None) -> str:
@@ -224,17 +240,18 @@ def markdown(summary: list[dict], figure: str | None) -> str:
     lines = [
         BEGIN,
         f"Image `{IMAGE}` at {SIZE}×{SIZE}, batch 1, label shared, one restart, one intra-op thread; "
-        "medians over seeds. PSNR/SSIM of each engine's returned reconstruction.",
+        "medians over seeds. PSNR/SSIM of each engine's returned reconstruction. Δ PSNR: the mean "
+        "seed-paired difference gistress − breaching in dB with its 95% Student-t interval.",
         "",
-        "| case | iterations | seeds | breaching PSNR | gistress PSNR | PSNR ratio | breaching SSIM | "
-        "gistress SSIM | breaching s/it | gistress s/it | s/it ratio | objective evaluations (b / g) | "
-        "s/evaluation ratio | objective gap at start |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | iterations | seeds | breaching PSNR | gistress PSNR | PSNR ratio | Δ PSNR dB [95% CI] | "
+        "breaching SSIM | gistress SSIM | breaching s/it | gistress s/it | s/it ratio | "
+        "objective evaluations (b / g) | s/evaluation ratio | objective gap at start |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
             f"| {s['case']} | {s['iterations']} | {s['seeds']} | {s['psnr_breaching']:.2f} | "
-            f"{s['psnr_gistress']:.2f} | {s['psnr_ratio']:.3f} | {s['ssim_breaching']:.3f} | "
+            f"{s['psnr_gistress']:.2f} | {s['psnr_ratio']:.3f} | {_diff(s)} | {s['ssim_breaching']:.3f} | "
             f"{s['ssim_gistress']:.3f} | {s['s_per_iter_breaching']:.4f} | {s['s_per_iter_gistress']:.4f} | "
             f"{s['time_ratio']:.3f} | {_evals(s)} | "
             f"{'–' if s['eval_time_ratio'] is None else format(s['eval_time_ratio'], '.3f')} | "
@@ -246,14 +263,28 @@ def markdown(summary: list[dict], figure: str | None) -> str:
     return "\n".join(lines)
 
 
+def _diff(s: dict) -> str:
+    if s.get("psnr_diff_mean") is None:
+        return "–"
+    if s.get("psnr_diff_low") is None:
+        return f"{s['psnr_diff_mean']:+.2f}"
+    return f"{s['psnr_diff_mean']:+.2f} [{s['psnr_diff_low']:+.2f}, {s['psnr_diff_high']:+.2f}]"
+
+
 def _evals(s: dict) -> str:
     if s["evals_breaching"] is None:
         return "–"
     return f"{s['evals_breaching']:.0f} / {s['evals_gistress']:.0f}"
 
 
-def figure(rows: list[dict], path: Path) -> Path:
-    """Rows: each case at its largest budget (first seed); columns: target, breaching, gistress."""
+def figure(rows: list[dict], path: Path) -> Path | None:
+    """Rows: each case at its largest budget (first seed); columns: target, breaching, gistress.
+
+    Rows read back from the report's JSON carry no images: the figure already there is kept.
+    """
+    rows = [r for r in rows if "images" in r]
+    if not rows:
+        return path if path.exists() else None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,10 +316,14 @@ def figure(rows: list[dict], path: Path) -> Path:
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
-    """Rows from JSON-lines files (missing files are skipped)."""
+    """Rows from JSON-lines files, or from a report's JSON (``rows``); missing files are skipped."""
     rows = []
     for p in paths:
-        if p.exists():
+        if not p.exists():
+            continue
+        if p.suffix == ".json":
+            rows += json.loads(p.read_text())["rows"]
+        else:
             rows += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
     return rows
 
@@ -301,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--results", default="docs/parity.jsonl", help="JSON-lines file the rows are appended to")
     p.add_argument("--report-from", default=None,
-                   help="comma list of JSON-lines files to report from (default: --results)")
+                   help="comma list of JSON-lines files (or a report's parity.json) to report from "
+                        "(default: --results)")
     p.add_argument("--report-only", action="store_true", help="write the report from existing rows")
     p.add_argument("--out", default="docs/benchmarks.md")
     p.add_argument("--figure", default="docs/parity.png")
@@ -334,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     fig = figure(rows, Path(args.figure))
     out = Path(args.out)
-    replace_block(out, BEGIN, END, markdown(summary, os.path.relpath(fig, out.parent)),
+    replace_block(out, BEGIN, END, markdown(summary, os.path.relpath(fig, out.parent) if fig else None),
                   "Parity with the reference engine")
     Path(args.json_out).write_text(json.dumps(dict(summary=summary, rows=[
         {k: v for k, v in r.items() if k != "images"} for r in rows]), indent=2))

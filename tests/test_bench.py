@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import BEGIN, END
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +86,25 @@ def test_cli_bench_writes_startup_and_dlg_rows(tmp_path):
     assert set(row["startup_s"]) == {"--help", "variants", "doctor"} and all(v > 0 for v in row["startup_s"].values())
     assert row["engine_s"] > 0 and row["cli_s"] > row["engine_s"] and row["cli_fixed_s"] > 0
     assert "| 0 |" in md.read_text()
+
+
+def test_parity_paired_difference_interval_and_report_from_the_json(tmp_path):
+    """The seed-paired PSNR difference gets a Student-t interval (t(0.975, 2) = 4.303), and the
+    report can be rebuilt from a previous parity.json without its images (the figure is kept)."""
+    from bench.parity import markdown, paired_difference, read_rows, summarize
+
+    d = paired_difference([1.0, 2.0, 3.0])
+    assert d["psnr_diff_mean"] == pytest.approx(2.0)
+    assert d["psnr_diff_low"] == pytest.approx(2.0 - 4.3027 / 3 ** 0.5, abs=1e-3)
+    assert d["psnr_diff_high"] == pytest.approx(2.0 + 4.3027 / 3 ** 0.5, abs=1e-3)
+    assert paired_difference([0.5])["psnr_diff_low"] is None  # one seed: no interval
+
+    row = dict(case="convnet", iterations=10, objective_gistress=1.0, objective_breaching=1.0,
+               ssim_breaching=0.1, ssim_gistress=0.1, s_per_iter_breaching=1.0, s_per_iter_gistress=0.5)
+    rows = [dict(row, seed=0, psnr_breaching=10.0, psnr_gistress=11.0),
+            dict(row, seed=1, psnr_breaching=12.0, psnr_gistress=11.0)]
+    (tmp_path / "parity.json").write_text(json.dumps(dict(summary=[], rows=rows)))
+    back = read_rows([tmp_path / "parity.json", tmp_path / "missing.jsonl"])
+    (s,) = summarize(back)
+    assert s["psnr_diff_mean"] == pytest.approx(0.0) and s["psnr_diff_low"] < -1 < 1 < s["psnr_diff_high"]
+    assert "| convnet | 10 | 2 |" in markdown([s], None) and "+0.00 [" in markdown([s], None)
