@@ -25,6 +25,9 @@ class Scores:
     order: list[int]
     leak_rule: str = "psnr>=18 and lpips<=0.1"
     lpips_missing: str | None = None
+    # PSNR after the least-squares gain and offset per colour channel (a diagnostic, not in the
+    # leak rule): high where the content leaked but the contrast did not (docs/findings.md, Fig. 4)
+    psnr_affine: list[float] | None = None
 
     @property
     def brr(self) -> float:
@@ -44,6 +47,8 @@ class Scores:
         }
         if self.lpips is not None:
             out[f"{prefix}lpips"] = sum(self.lpips) / len(self.lpips)
+        if self.psnr_affine is not None:
+            out[f"{prefix}psnr_affine"] = sum(self.psnr_affine) / len(self.psnr_affine)
         return out
 
 

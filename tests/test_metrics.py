@@ -272,3 +272,21 @@ def test_use_lpips_false_never_loads(monkeypatch):
     s = metrics.score(_images(b=1), _images(b=1), use_lpips=False)
     assert s.lpips is None and "disabled" in s.lpips_missing
     assert s.leak_rule == "psnr>=18 (lpips disabled)"
+
+
+def test_psnr_affine_sees_a_contrast_lost_copy_and_not_noise():
+    """A washed-out copy (gain 0.3, offset 0.4) has low PSNR but is exact up to levels; noise
+    stays near the target's mean-colour PSNR however the six numbers are fitted."""
+    from skimage import data as skdata
+
+    target = torch.from_numpy(skdata.astronaut()[::16, ::16].copy()).permute(2, 0, 1)[None].float() / 255
+    washed = 0.3 * target + 0.4
+    noise = torch.rand(target.shape, generator=torch.Generator().manual_seed(0))
+    sc = metrics.score(target, torch.cat([washed]), use_lpips=False)
+    assert sc.psnr[0] < 15 and sc.psnr_affine[0] > 60
+    mean_only = metrics.score(target, target.mean((2, 3), keepdim=True).expand_as(target).clone(),
+                              use_lpips=False).psnr[0]
+    noisy = metrics.score(target, noise, use_lpips=False)
+    assert noisy.psnr_affine[0] < mean_only + 0.5 and noisy.psnr_affine[0] < 15
+    assert not sc.leaked[0]  # the diagnostic does not change the papers' leak rule
+    assert "psnr_affine" in sc.summary() and sc.summary()["psnr_affine"] == pytest.approx(sc.psnr_affine[0])

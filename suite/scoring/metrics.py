@@ -11,6 +11,8 @@ Conventions:
   checkpoint, read from the torch hub cache. When that file is absent, LPIPS is *missing*:
   ``Scores.lpips`` is None and ``Scores.lpips_missing`` names the file to place. Nothing is ever
   downloaded and a missing LPIPS is never reported as 0.
+- ``psnr_affine``: PSNR after fitting one gain and one offset per colour channel to the target;
+  logged beside PSNR as a diagnostic for leaks exact up to contrast, not part of the leak rule.
 - Content regions shorter than 32 px on a side are resized up (bilinear) for LPIPS only, because
   AlexNet's stride-4 stem and two max-pools need about 31 px of input.
 """
@@ -166,6 +168,23 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return _cap(float(peak_signal_noise_ratio(a, b, data_range=1.0)))
 
 
+def psnr_affine(recon: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR of ``recon`` after the least-squares gain and offset per colour channel onto ``target``.
+
+    Some models leave the input's contrast and brightness nearly unconstrained (LayerNorm right
+    after the stem): the attack then recovers the content but not the levels, and raw PSNR misses
+    it. Six fitted numbers cannot turn noise into an image, so this stays at the raw PSNR of noise.
+    """
+    r = recon.double().flatten(2)                     # (1, C, N)
+    t = target.double().flatten(2)
+    rc, tc = r - r.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True)
+    var = (rc * rc).mean(-1, keepdim=True)
+    gain = torch.where(var > 1e-12, (rc * tc).mean(-1, keepdim=True) / var.clamp_min(1e-12),
+                       torch.zeros_like(var))
+    fitted = (t.mean(-1, keepdim=True) + gain * rc).clamp(0, 1).float().reshape(recon.shape)
+    return _psnr(fitted, target)
+
+
 def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -243,6 +262,7 @@ def score(
     pairs = [(_crop(recon[j : j + 1], reg), _crop(target[i : i + 1], reg)) for i, (j, reg) in enumerate(zip(order, regions))]
     psnr = [_psnr(r, t) for r, t in pairs]
     ssim = [_ssim(r, t) for r, t in pairs]
+    aligned = [psnr_affine(r, t) for r, t in pairs]
 
     lpips_vals: list[float] | None = None
     missing: str | None = None
@@ -270,6 +290,7 @@ def score(
         order=order,
         leak_rule=rule,
         lpips_missing=missing,
+        psnr_affine=aligned,
     )
 
 
