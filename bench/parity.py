@@ -280,11 +280,13 @@ def _evals(s: dict) -> str:
 def figure(rows: list[dict], path: Path) -> Path | None:
     """Rows: each case at its largest budget (first seed); columns: target, breaching, gistress.
 
-    Rows read back from the report's JSON carry no images: the figure already there is kept.
+    Rows read back from the report's JSON carry no images: unless every case has a row with
+    images, the figure already there is kept (a partial rerun must not drop the other cases).
     """
-    rows = [r for r in rows if "images" in r]
-    if not rows:
+    pictured = [r for r in rows if "images" in r]
+    if not pictured or {r["case"] for r in pictured} != {r["case"] for r in rows}:
         return path if path.exists() else None
+    rows = pictured
     import matplotlib
 
     matplotlib.use("Agg")

@@ -108,3 +108,12 @@ def test_parity_paired_difference_interval_and_report_from_the_json(tmp_path):
     (s,) = summarize(back)
     assert s["psnr_diff_mean"] == pytest.approx(0.0) and s["psnr_diff_low"] < -1 < 1 < s["psnr_diff_high"]
     assert "| convnet | 10 | 2 |" in markdown([s], None) and "+0.00 [" in markdown([s], None)
+
+    from bench.parity import figure
+
+    old = tmp_path / "parity.png"
+    old.write_bytes(b"the earlier figure")
+    pictured = dict(rows[0], images={"target": [[[0.0]]] * 3, "breaching": [[[0.0]]] * 3, "gistress": [[[0.0]]] * 3})
+    lenet = dict(rows[1], case="lenet-dlg")  # a case rerun without images: the old figure stays
+    assert figure([pictured, lenet], old) == old and old.read_bytes() == b"the earlier figure"
+    assert figure(back, tmp_path / "none.png") is None
