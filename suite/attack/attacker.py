@@ -208,7 +208,7 @@ class Attacker:
         return list(torch.autograd.grad(loss, self.params, create_graph=create_graph))
 
     def objective(self, x: torch.Tensor, loss_fn, control: bool, candidate: torch.Tensor | None = None,
-                   functional: tuple[dict, dict] | None = None):
+                  functional: tuple[dict, dict] | None = None):
         """Total objective and its parts at pixels ``x``; TV acts on ``candidate`` (the optimized
         tensor in ``spec.space``, default ``x``)."""
         spec = self.spec

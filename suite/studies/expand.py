@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from suite.config import RunConfig
 from suite.errors import GistressError, close_matches
 from suite.keys import deep_merge, image_ids, nest, parse_assignments
-from suite.studies.spec import STUDY_KEYS, StudySpec, check_zip, load_spec
+from suite.studies.spec import STUDY_KEYS, StudySpec, check_zip, load_spec, zips_grid_axes
 
 
 @dataclass
@@ -153,7 +153,7 @@ def expand_settings(spec: StudySpec | str | Path, profile: str | None = None,
     grid = dict(spec.grid)
     groups = [dict(g) for g in spec.zip_groups()]
     prof_zip = prof.get("zip") or {}
-    if prof_zip and all(axis in grid for axis in prof_zip):
+    if zips_grid_axes(grid, prof_zip):
         # a profile zipping grid axes steps them together instead of crossing them, e.g. a cheap
         # profile running 4 chosen (variant, bn_mode) pairs out of the paper's 4 x 2 grid
         for axis in prof_zip:

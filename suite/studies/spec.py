@@ -17,8 +17,8 @@ A spec (``runs/*.yaml``) has::
 
 In a profile (and in ``--set``), ``seeds``/``images``/``grid``/``zip`` are study-level keys
 (``STUDY_KEYS``); every other key overrides the RunConfig. A profile's ``zip`` over grid axes
-steps them together (``fig5_yolo``'s ``cpu`` profile runs 4 chosen pairs of its 4 x 2 grid). How a spec becomes settings:
-``suite.studies.expand``.
+steps them together (``fig5_yolo``'s ``cpu`` profile runs 4 chosen pairs of its 4 x 2 grid).
+How a spec becomes settings: ``suite.studies.expand``.
 """
 
 from __future__ import annotations
@@ -205,7 +205,13 @@ def _validate_spec(spec: StudySpec, text: str) -> None:
         _check_profile(spec, pname, prof, where("profiles", pname))
 
 
+def zips_grid_axes(grid: dict[str, list], profile_zip: dict[str, list]) -> bool:
+    """True when a profile's ``zip`` names only grid axes: they then step together, not crossed."""
+    return bool(profile_zip) and all(axis in grid for axis in profile_zip)
+
+
 def check_zip(group: dict[str, list], where: str) -> None:
+    """Zipped axes step together: refuse unequal or empty value lists, naming ``where``."""
     lengths = {k: len(v) for k, v in group.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
@@ -241,7 +247,7 @@ def _check_profile(spec: StudySpec, pname: str, prof: dict, where: str) -> None:
                                     "write e.g. [0.8, 1.0]")
     zipped = prof.get("zip") or {}
     in_grid = [axis for axis in zipped if axis in spec.grid]
-    if in_grid and len(in_grid) != len(zipped):
+    if in_grid and not zips_grid_axes(spec.grid, zipped):
         raise GistressError(
             f"profile '{pname}' zip in {where} mixes grid axes ({', '.join(in_grid)}) with zip axes",
             "a profile's zip either steps grid axes together or replaces one zip group's values",
