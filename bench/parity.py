@@ -120,7 +120,7 @@ def objectives_at(case: Case, v, obs, z0) -> tuple[float, float]:
 
     g = _gistress(case, v, obs, 1, 0)
     z = z0.clone().requires_grad_(True)
-    ours = float(g.objective(g.to_pixels(z), g.labels, False, z)[0]) / case.objective_scale
+    ours = float(g.objective(g.to_pixels(z), g.labels, False, z)[0].detach()) / case.objective_scale
     b, payload, shared = _breaching(case, v, obs, 1)
     with contextlib.redirect_stdout(io.StringIO()):
         models, labels, _ = b.prepare_attack(payload, shared)
@@ -241,17 +241,19 @@ def markdown(summary: list[dict], figure: str | None) -> str:
         BEGIN,
         f"Image `{IMAGE}` at {SIZE}×{SIZE}, batch 1, label shared, one restart, one intra-op thread; "
         "medians over seeds. PSNR/SSIM of each engine's returned reconstruction. Δ PSNR: the mean "
-        "seed-paired difference gistress − breaching in dB with its 95% Student-t interval.",
+        "seed-paired difference gistress − breaching in dB with its 95% Student-t interval; verdict: "
+        "*weaker* or *stronger* only where that interval excludes zero, else *no difference shown* "
+        "(the check that gistress is not weaker than the reference).",
         "",
-        "| case | iterations | seeds | breaching PSNR | gistress PSNR | PSNR ratio | Δ PSNR dB [95% CI] | "
+        "| case | iterations | seeds | breaching PSNR | gistress PSNR | PSNR ratio | Δ PSNR dB [95% CI] | verdict | "
         "breaching SSIM | gistress SSIM | breaching s/it | gistress s/it | s/it ratio | "
         "objective evaluations (b / g) | s/evaluation ratio | objective gap at start |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
             f"| {s['case']} | {s['iterations']} | {s['seeds']} | {s['psnr_breaching']:.2f} | "
-            f"{s['psnr_gistress']:.2f} | {s['psnr_ratio']:.3f} | {_diff(s)} | {s['ssim_breaching']:.3f} | "
+            f"{s['psnr_gistress']:.2f} | {s['psnr_ratio']:.3f} | {_diff(s)} | {verdict(s)} | {s['ssim_breaching']:.3f} | "
             f"{s['ssim_gistress']:.3f} | {s['s_per_iter_breaching']:.4f} | {s['s_per_iter_gistress']:.4f} | "
             f"{s['time_ratio']:.3f} | {_evals(s)} | "
             f"{'–' if s['eval_time_ratio'] is None else format(s['eval_time_ratio'], '.3f')} | "
@@ -269,6 +271,18 @@ def _diff(s: dict) -> str:
     if s.get("psnr_diff_low") is None:
         return f"{s['psnr_diff_mean']:+.2f}"
     return f"{s['psnr_diff_mean']:+.2f} [{s['psnr_diff_low']:+.2f}, {s['psnr_diff_high']:+.2f}]"
+
+
+def verdict(s: dict) -> str:
+    """gistress against the reference from the Δ PSNR interval: a direction only where it excludes 0."""
+    low, high = s.get("psnr_diff_low"), s.get("psnr_diff_high")
+    if low is None or high is None:
+        return "– (one seed)"
+    if high < 0:
+        return "weaker"
+    if low > 0:
+        return "stronger"
+    return "no difference shown"
 
 
 def _evals(s: dict) -> str:

@@ -91,7 +91,7 @@ def test_cli_bench_writes_startup_and_dlg_rows(tmp_path):
 def test_parity_paired_difference_interval_and_report_from_the_json(tmp_path):
     """The seed-paired PSNR difference gets a Student-t interval (t(0.975, 2) = 4.303), and the
     report can be rebuilt from a previous parity.json without its images (the figure is kept)."""
-    from bench.parity import figure, markdown, paired_difference, read_rows, summarize
+    from bench.parity import figure, markdown, paired_difference, read_rows, summarize, verdict
 
     d = paired_difference([1.0, 2.0, 3.0])
     assert d["psnr_diff_mean"] == pytest.approx(2.0)
@@ -108,6 +108,10 @@ def test_parity_paired_difference_interval_and_report_from_the_json(tmp_path):
     (s,) = summarize(back)
     assert s["psnr_diff_mean"] == pytest.approx(0.0) and s["psnr_diff_low"] < -1 < 1 < s["psnr_diff_high"]
     assert "| convnet | 10 | 2 |" in markdown([s], None) and "+0.00 [" in markdown([s], None)
+    assert verdict(s) == "no difference shown"
+    assert verdict(dict(psnr_diff_low=-3.0, psnr_diff_high=-0.1)) == "weaker"
+    assert verdict(dict(psnr_diff_low=0.2, psnr_diff_high=2.0)) == "stronger"
+    assert verdict(dict(psnr_diff_low=None, psnr_diff_high=None)) == "– (one seed)"
 
     old = tmp_path / "parity.png"
     old.write_bytes(b"the earlier figure")
