@@ -295,12 +295,15 @@ def figure(rows: list[dict], path: Path) -> Path | None:
     """Rows: each case at its largest budget (first seed); columns: target, breaching, gistress.
 
     Rows read back from the report's JSON carry no images: unless every case has a row with
-    images, the figure already there is kept (a partial rerun must not drop the other cases).
+    images at its largest budget, the figure already there is kept (a partial rerun, or a rerun
+    at a smaller budget, must not replace a case's picture with a weaker one or drop it).
     """
-    pictured = [r for r in rows if "images" in r]
-    if not pictured or {r["case"] for r in pictured} != {r["case"] for r in rows}:
+    largest: dict[str, int] = {}
+    for r in rows:
+        largest[r["case"]] = max(largest.get(r["case"], 0), r["iterations"])
+    rows = [r for r in rows if "images" in r and r["iterations"] == largest[r["case"]]]
+    if not rows or {r["case"] for r in rows} != set(largest):
         return path if path.exists() else None
-    rows = pictured
     import matplotlib
 
     matplotlib.use("Agg")

@@ -118,4 +118,8 @@ def test_parity_paired_difference_interval_and_report_from_the_json(tmp_path):
     pictured = dict(rows[0], images={"target": [[[0.0]]] * 3, "breaching": [[[0.0]]] * 3, "gistress": [[[0.0]]] * 3})
     lenet = dict(rows[1], case="lenet-dlg")  # a case rerun without images: the old figure stays
     assert figure([pictured, lenet], old) == old and old.read_bytes() == b"the earlier figure"
+    smaller = dict(pictured, case="lenet-dlg", iterations=5)  # pictured, but below lenet's largest budget
+    assert figure([pictured, lenet, smaller], old) == old and old.read_bytes() == b"the earlier figure"
+    assert figure([pictured, dict(smaller, iterations=10)], tmp_path / "new.png") == tmp_path / "new.png"
+    assert (tmp_path / "new.png").stat().st_size > 1000
     assert figure(back, tmp_path / "none.png") is None
