@@ -20,8 +20,9 @@ def test_short_attack_lowers_matching_loss(variant, bn_mode):
                     # the matching term alone (no priors), small signed steps from a start inside the
                     # image box (U(0, 1) pixels; the presets' N(0, 1) start is boxed only after the
                     # first step): a descent check. The assigner makes the loss piecewise smooth,
-                    # so the steps stay small (measured: train-mode BasicBlock at lr 0.01 random-walks)
-                    attack=AttackSpec(preset="ig", tv=0.0, iterations=10, lr=0.001, decay=False, log_every=9,
+                    # so the steps stay small (measured with torch 2.14: train-mode BasicBlock at lr
+                    # 1e-3 random-walks, 0.99001 -> 0.99006; at 3e-4 all eight fall by >= 0.015)
+                    attack=AttackSpec(preset="ig", tv=0.0, iterations=10, lr=0.0003, decay=False, log_every=9,
                                       init_distribution="uniform"))
     with tempfile.TemporaryDirectory() as d:
         result = run_setting(cfg, out_dir=Path(d), progress=False)
