@@ -310,9 +310,7 @@ def figure(rows: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    picks: dict[str, dict] = {}
-    for r in sorted(rows, key=lambda r: (r["iterations"], -r["seed"])):
-        picks[r["case"]] = r
+    picks = {r["case"]: r for r in sorted(rows, key=lambda r: -r["seed"])}  # rows are at the largest budget
     cases = [c for c in CASES if c in picks] + [c for c in picks if c not in CASES]
     fig, axes = plt.subplots(len(cases), 3, figsize=(6, 2.1 * len(cases)), squeeze=False)
     for i, c in enumerate(cases):
