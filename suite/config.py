@@ -26,18 +26,24 @@ from suite.threat.threat_model import ThreatModel
 # decay the step at N//2.667, N//1.6, N//1.142 and return the iterate with the lowest objective.
 PRESETS: dict[str, dict] = {
     "ig": dict(
+        method="optimization",
         objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.2, tv_kind="padded",
         bn_prior=0.0, init="random", labels="auto", clamp=True, space="normalized", keep="best",
     ),
     "dlg": dict(
-        objective="l2", optimizer="lbfgs", lr=1.0, signed=False, decay=False, tv=0.0, tv_kind="padded",
+        method="optimization", objective="l2", optimizer="lbfgs", lr=1.0, signed=False, decay=False, tv=0.0, tv_kind="padded",
         bn_prior=0.0, init="random", labels="joint", clamp=False, space="normalized", keep="best",
     ),
     "gia_bn": dict(
-        objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.052, tv_kind="interior",
+        method="optimization", objective="cosine", optimizer="adam", lr=0.1, signed=True, decay=True, tv=0.052, tv_kind="interior",
         bn_prior=0.00016, init="random", labels="auto", clamp=True, space="normalized", keep="best",
     ),
+    # closed forms (suite/attack/closed_form.py): one solve, no iterations; the remaining fields
+    # (ig's) only define the matching loss reported at the solution
+    "april": dict(method="april"),
+    "linear": dict(method="linear"),
 }
+CLOSED_FORMS = ("april", "linear")
 
 
 class AttackSpec(BaseModel):
@@ -46,6 +52,8 @@ class AttackSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str | None = "ig"
+    # optimization: descend on the matching loss; april / linear: a closed-form solve
+    method: Literal["optimization", "april", "linear"] | None = None
     objective: Literal["cosine", "l2"] | None = None
     layer_weights: dict[str, float] = Field(default_factory=dict)  # fnmatch pattern -> weight
     tv: float | None = Field(None, ge=0)
@@ -59,7 +67,9 @@ class AttackSpec(BaseModel):
     # auto: restarts share one batched pass (torch.func.vmap) on CUDA where the setting allows
     # it, else one after another; batched / sequential force either (see docs/benchmarks.md)
     restart_mode: Literal["auto", "batched", "sequential"] = "auto"
-    init: Literal["random", "noisy_target", "file"] | None = None
+    # closed_form: start from the closed-form estimate read off the update (no target involved;
+    # with several images it is their mixture, the same start for each)
+    init: Literal["random", "noisy_target", "file", "closed_form"] | None = None
     init_distribution: Literal["randn", "uniform"] = "randn"
     noise_p: float | None = Field(None, ge=0, le=1)       # noisy_target: fraction of pixels replaced
     noise_sigma: float | None = Field(None, ge=0)         # noisy_target: additive Gaussian sigma
@@ -110,6 +120,11 @@ class AttackSpec(BaseModel):
         return self.log_every or max(1, self.iterations // 50)
 
     @property
+    def closed_form(self) -> bool:
+        """True for the analytic attacks (one solve, no optimization)."""
+        return self.method in CLOSED_FORMS
+
+    @property
     def oracle_init(self) -> bool:
         """True when the start image is derived from the target (an oracle assumption)."""
         return self.init == "noisy_target"
@@ -136,11 +151,19 @@ class RunConfig(BaseModel):
     leak_lpips: float = 0.1
 
     def config_hash(self) -> str:
-        """A stable hash of the resolved config (resume key). ``attack.log_every`` counts only when
-        set, as it did before it could be unset: settings that set it keep their hash (and their
-        finished runs), and leaving it to its default starts no new setting."""
-        unset = {"attack": {"log_every"}} if self.attack.log_every is None else None
-        blob = json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True)
+        """A stable hash of the resolved config (resume key). Keys added after settings were first
+        hashed count only away from their default (``attack.log_every`` when set,
+        ``attack.method`` other than optimization, a non-empty ``threat.frozen``): settings from
+        before keep their hash (and their finished runs)."""
+        unset: dict = {"attack": set(), "threat": set()}
+        if self.attack.log_every is None:
+            unset["attack"].add("log_every")
+        if self.attack.method == "optimization":  # keys added later count only when they differ
+            unset["attack"].add("method")
+        if not self.threat.frozen:
+            unset["threat"].add("frozen")
+        blob = json.dumps(self.model_dump(mode="json", exclude={k: v for k, v in unset.items() if v}),
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def assumption_level(self, task: str | None = None, has_bn: bool = True) -> int:
@@ -151,8 +174,9 @@ class RunConfig(BaseModel):
             from variants.base import task_of
 
             task = task_of(self.variant)
-        return self.threat.assumption_level(uses_bn_prior=bool(self.attack.bn_prior) and has_bn,
-                                            uses_tv=bool(self.attack.tv), task=task)
+        priors = not self.attack.closed_form  # a closed form uses no image prior
+        return self.threat.assumption_level(uses_bn_prior=priors and bool(self.attack.bn_prior) and has_bn,
+                                            uses_tv=priors and bool(self.attack.tv), task=task)
 
     def flat_params(self) -> dict[str, str | int | float | bool]:
         """Flat MLflow params named by the suite's vocabulary."""
@@ -176,6 +200,8 @@ class RunConfig(BaseModel):
             "bn_stats": t.bn_stats,
             "defense": t.defense,
             "preset": a.preset or "none",
+            "method": a.method,
+            "frozen": ",".join(t.frozen) or "none",
             "objective": a.objective,
             "optimizer": a.optimizer,
             "lr": a.lr,

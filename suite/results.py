@@ -61,11 +61,14 @@ class Reconstruction:
     restart_images: list[torch.Tensor]        # every restart's final images
     restart_losses: list[float]               # every restart's final matching loss
     chosen: int                               # index of the chosen restart (lowest matching loss)
-    init: torch.Tensor                        # the start of the chosen restart
+    init: torch.Tensor | None                 # the start of the chosen restart (None: closed form)
     labels: torch.Tensor | None = None        # labels used or recovered
     history: list[dict] = field(default_factory=list)  # step metrics of the chosen restart
     diverged: str | None = None               # which restarts NaN/inf stopped, and where
     restarts_diverged: int = 0                # how many restarts diverged (their loss is inf)
+    # closed forms: |update rebuilt from the solution - observed update| / |observed| for the first
+    # layer, a self-check that needs no target (None for optimization attacks)
+    residual: float | None = None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Architecture variants: one registry, ``build(name, **options) -> Variant``.
 
-Named families live one per module (``resnet``, ``convnet``, ``lenet``, ``modern``, ``yolo``);
+Named families live one per module (``resnet``, ``convnet``, ``lenet``, ``mlp``, ``modern``, ``yolo``);
 ``timm:<name>`` and ``torchvision:<name>`` build anything else through those libraries.
 ``parse_variant_name`` is the one parser of those names and ``task_of`` the one rule for a name's
 task; checkpoint files are read by ``variants.checkpoint.read_checkpoint`` (one trust rule).

@@ -26,7 +26,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IDENTITY_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 # the family modules that register named variants, in listing order
-FAMILIES = ("resnet", "convnet", "lenet", "modern", "yolo")
+FAMILIES = ("resnet", "convnet", "lenet", "mlp", "modern", "yolo")
 # libraries whose every classifier builds as ``<library>:<model>``
 EXTERNAL_LIBRARIES = ("timm", "torchvision")
 

@@ -84,8 +84,12 @@ FLAGS: tuple[Flag, ...] = (
          kind="off"),
     Flag("--defense", "threat.defense", "threat model",
          "qsgd:<bits> | sign | topk:<keep> | clip:<bound> | noise:<sigma>"),
+    Flag("--freeze", "threat.frozen", "threat model",
+         "parameters the client keeps frozen, out of the update (fnmatch pattern, repeatable)", kind="list",
+         metavar="PATTERN"),
     # attack
-    Flag("--preset", "attack.preset", "attack", "ig | dlg | gia_bn"),
+    Flag("--preset", "attack.preset", "attack",
+         "ig | dlg | gia_bn (optimization) | april | linear (closed forms: one solve, no iterations)"),
     Flag("--objective", "attack.objective", "attack", "gradient-matching distance", choices=("cosine", "l2")),
     Flag("--optimizer", "attack.optimizer", "attack", "optimizer of the candidate image",
          choices=("adam", "lbfgs")),
@@ -103,7 +107,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--restart-mode", "attack.restart_mode", "attack",
          "auto: batched (one vmapped pass) on CUDA where supported, else sequential",
          choices=("auto", "batched", "sequential")),
-    Flag("--init", "attack.init", "attack", "the start image", choices=("random", "noisy_target", "file")),
+    Flag("--init", "attack.init", "attack", "the start image (closed_form: the closed-form estimate read off "
+         "the update)", choices=("random", "noisy_target", "file", "closed_form")),
     Flag("--noise-p", "attack.noise_p", "attack", "init noisy_target: fraction of pixels replaced", type=float),
     Flag("--noise-sigma", "attack.noise_sigma", "attack", "init noisy_target: additive Gaussian sigma",
          type=float),

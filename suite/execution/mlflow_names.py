@@ -23,6 +23,7 @@ METRIC_NAMES = {
     "oracle_best_restart_psnr": "oracle/best_restart_psnr",
     "matching_loss": "loss/matching", "total": "loss/total", "tv": "loss/tv", "bn_prior": "loss/bn_prior",
     "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds",
+    "closed_form_residual": "closed_form/residual", "start_residual": "closed_form/start_residual",
 }
 PREFIXES = {"control_": "control/", "gain_": "gain/"}  # control_psnr -> control/psnr, gain_ssim -> gain/ssim
 NOT_LOGGED = ("step",)  # the step is MLflow's x axis already

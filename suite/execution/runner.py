@@ -73,6 +73,10 @@ def build_and_load(cfg: RunConfig):
     size = cfg.size or variant.input_size
     batch = data.load(cfg.data, task=variant.task, size=size, images=cfg.images,
                       num_classes=variant.num_classes, seed=cfg.seed)
+    if cfg.threat.frozen:
+        from suite.threat.client import freeze
+
+        freeze(variant.model, cfg.threat.frozen)
     calibrated_on = None
     if cfg.weights == "calibrated":
         from variants.weights import calibrate_bn
@@ -114,6 +118,7 @@ class Prepared:
     calibrated_on: str | None
     inits: list[torch.Tensor] | None  # explicit starts (noisy target, file); None: seeded random
     started: float  # perf_counter() when preparation began (the run's ``seconds`` count from it)
+    closed_form: Any = None  # the closed form's Applicability (method or init closed_form), else None
 
 
 def prepare_setting(cfg: RunConfig) -> Prepared:
@@ -132,7 +137,26 @@ def prepare_setting(cfg: RunConfig) -> Prepared:
     Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes).validate(batch)
     inits = make_inits(cfg, variant, batch)  # reads --init-file; seeded, no global RNG
     return Prepared(device=device, variant=variant, batch=batch, calibrated_on=calibrated_on, inits=inits,
-                    started=t0)
+                    started=t0, closed_form=check_closed_form(cfg, variant, batch))
+
+
+def check_closed_form(cfg: RunConfig, variant, batch):
+    """A closed-form attack (or start) checked against the model and the client's batch before
+    anything runs: the refusal is a one-line GistressError. None when neither is asked for."""
+    a = cfg.attack
+    if not (a.closed_form or a.init == "closed_form"):
+        return None
+    from suite.attack.closed_form import applicability, method_for
+    from suite.attack.first_layer import find_first_layer
+    from suite.threat.client import trainable
+
+    layer = find_first_layer(variant.model, batch.size, variant.to_normalized, cfg.threat.bn_mode)
+    method = a.method if a.closed_form else method_for(layer)
+    names = trainable(variant.model)[0]
+    verdict = applicability(method, layer, names, len(batch) if a.closed_form else 1)
+    if not verdict.applies:
+        raise verdict.refusal()
+    return verdict
 
 
 def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
@@ -155,8 +179,16 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
 
     client = Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes, seed=cfg.seed)
     obs = client.share(target)
-    attacker = Attacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
+    if cfg.attack.closed_form:
+        from suite.attack.closed_form import ClosedFormAttacker
+
+        attacker = ClosedFormAttacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
+    else:
+        attacker = Attacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
     inits = prepared.inits
+    start_residual = None
+    if cfg.attack.init == "closed_form":
+        inits, start_residual = closed_form_inits(cfg, variant, obs)
 
     bar = _progress(cfg, progress)
 
@@ -170,7 +202,7 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
             bar.set_postfix(loss=f"{record['matching_loss']:.4f}", psnr=f"{extra['psnr']:.1f}")
         return extra
 
-    recon = attacker.reconstruct(inits, callback=callback)
+    recon = attacker.reconstruct() if cfg.attack.closed_form else attacker.reconstruct(inits, callback=callback)
     if bar is not None:
         bar.close()
     thr = dict(leak_psnr=cfg.leak_psnr, leak_lpips=cfg.leak_lpips)
@@ -178,7 +210,8 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     restart_scores = [score(batch.images, im, content=batch.content, **thr) for im in recon.restart_images]
 
     control = control_scores = None
-    if cfg.attack.control or cfg.attack.init == "noisy_target":
+    # a closed form has no prior to run alone: no prior-only control
+    if (cfg.attack.control or cfg.attack.init == "noisy_target") and not cfg.attack.closed_form:
         # the attack's own starts, restart count and selection rule: "same init and budget" literally
         control = attacker.reconstruct(inits, control=True)
         control_scores = score(batch.images, control.images, content=batch.content, **thr)
@@ -188,8 +221,13 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     metrics["wsrr"] = wsrr(restart_scores)
     metrics["matching_loss"] = recon.matching_loss
     metrics["oracle_best_restart_psnr"] = max(s.summary()["psnr"] for s in restart_scores)
-    init_scores = score(batch.images, recon.init, content=batch.content, use_lpips=False, **thr)
-    metrics["init_psnr"] = init_scores.summary()["psnr"]
+    if recon.init is not None:
+        init_scores = score(batch.images, recon.init, content=batch.content, use_lpips=False, **thr)
+        metrics["init_psnr"] = init_scores.summary()["psnr"]
+    if recon.residual is not None:
+        metrics["closed_form_residual"] = recon.residual
+    if start_residual is not None:
+        metrics["start_residual"] = start_residual
     if control_scores is not None:
         metrics.update(control_scores.summary(prefix="control_"))
         metrics["control_matching_loss"] = control.matching_loss
@@ -197,7 +235,8 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         metrics["gain_ssim"] = metrics["ssim"] - metrics["control_ssim"]
         if "lpips" in metrics and "control_lpips" in metrics:
             metrics["gain_lpips"] = metrics["control_lpips"] - metrics["lpips"]  # lower LPIPS is better
-    recovered = attacker.inferred_labels if attacker.inferred_labels is not None else (
+    inferred = getattr(attacker, "inferred_labels", None)  # a closed form needs no labels
+    recovered = inferred if inferred is not None else (
         recon.labels if obs.labels is None and variant.task == "classification" else None)  # joint (DLG)
     if recovered is not None:
         from suite.attack.labels import label_accuracy
@@ -216,6 +255,10 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     }
     if calibrated_on:
         tags["calibrated_on"] = calibrated_on
+    if prepared.closed_form is not None:
+        tags["closed_form"] = f"{prepared.closed_form.method} applies: {prepared.closed_form.reason}"
+    if cfg.attack.closed_form and cfg.attack.control:
+        tags["control"] = "not run: a closed form has no prior to run alone"
     if recon.diverged:
         tags["diverged"] = recon.diverged
     if cfg.attack.init == "file":
@@ -225,13 +268,28 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         tags["init_source"] = f"user-supplied file {Path(cfg.attack.init_file).name} (sha256 {digest})"
         tags["init_file_sha256"] = digest
     if recovered is not None:
-        key = "inferred_labels" if attacker.inferred_labels is not None else "recovered_labels"
+        key = "inferred_labels" if inferred is not None else "recovered_labels"
         tags[key] = ",".join(str(int(v)) for v in recovered.cpu())
 
     result = RunResult(config=cfg, target=batch, reconstruction=recon, scores=scores, control=control,
                        control_scores=control_scores, restart_scores=restart_scores, metrics=metrics, tags=tags)
     result.artifacts = write_artifacts(result, out_dir)
     return result
+
+
+def closed_form_inits(cfg: RunConfig, variant, obs) -> tuple[list[torch.Tensor], float]:
+    """``init=closed_form``: every restart starts from the closed-form estimate read off the update
+    (each image of the batch gets the same estimate, a mixture when the batch has several), with
+    seeded noise of 0.05 on restarts after the first so that they differ. Returns the starts and the
+    estimate's residual."""
+    from suite.attack.closed_form import estimate
+
+    pixels, residual, _ = estimate(variant, obs)
+    start = pixels.clamp(0, 1).expand(obs.batch_size, -1, -1, -1).clone()
+    gen = torch.Generator().manual_seed(cfg.seed + 23)
+    inits = [start if r == 0 else (start + 0.05 * torch.randn(start.shape, generator=gen)).clamp(0, 1)
+             for r in range(cfg.attack.restarts)]
+    return inits, residual
 
 
 def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
@@ -244,7 +302,9 @@ def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
     boxes = batch.boxes
     # reorder reconstructions to their matched targets so each column pairs up
     matched = recon.images[result.scores.order]
-    panels = {"target": batch.images, "init": recon.init, "reconstruction": matched}
+    panels = {"target": batch.images, "reconstruction": matched}
+    if recon.init is not None:
+        panels["init"] = recon.init
     if result.control is not None:
         panels["control"] = result.control.images[result.control_scores.order]
     scale = upscale_factor((matched.shape[-1] * matched.shape[0], matched.shape[-2]))
@@ -254,7 +314,7 @@ def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
         arts[name] = save_png(images, out_dir / f"{name}.png", boxes=box)
         if scale > 1:
             arts[f"{name}_large"] = save_png(images, out_dir / f"{name}_x{scale}.png", boxes=box, scale=scale)
-    rows = [("target", batch.images), ("init", recon.init)]
+    rows = [("target", batch.images)] + ([("init", recon.init)] if recon.init is not None else [])
     if "control" in panels:
         rows.append(("control (prior only)", panels["control"]))
     rows.append(("reconstruction", matched))

@@ -55,6 +55,25 @@ def local_schedule(batch_size: int, threat: ThreatModel) -> list[torch.Tensor]:
     return [chunks[i % len(chunks)] for _ in range(threat.local_epochs) for i in range(threat.local_steps)]
 
 
+def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Keep the parameters matching any fnmatch ``pattern`` frozen (``requires_grad=False``): the
+    client does not train them and they are not in its update. Returns the frozen names; a
+    pattern that matches no parameter is an error naming a few real names."""
+    from fnmatch import fnmatchcase
+
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatchcase(n, pattern) for n in names):
+            raise GistressError(f"threat.frozen pattern '{pattern}' matches no parameter of the model",
+                                f"parameter names look like {', '.join(names[:3])}, ... (fnmatch patterns, "
+                                "e.g. '*pos_embed')")
+    frozen = [n for n, p in model.named_parameters() if any(fnmatchcase(n, pat) for pat in patterns)]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
 def trainable(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
     """Names and tensors of the parameters that receive gradients."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

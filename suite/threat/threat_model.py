@@ -41,6 +41,9 @@ class ThreatModel(BaseModel):
     # None: the model's own BN momentum (the server sent the model, so it knows it)
     bn_momentum: float | None = Field(None, gt=0, le=1)
     defense: str = "none"
+    # parameters the client keeps frozen (fnmatch patterns on parameter names, e.g. "*pos_embed"):
+    # they are not trained and not in the update (head-only fine-tuning: freeze everything else)
+    frozen: list[str] = Field(default_factory=list)
 
     @field_validator("defense")
     @classmethod

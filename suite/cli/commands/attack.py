@@ -74,8 +74,15 @@ def summary_table(result) -> str:
         lines.append(f"{'prior-only ctrl':<16}{m['control_psnr']:>8.2f}{m['control_ssim']:>8.3f}"
                      f"{lp('control_lpips'):>9}{m['control_brr']:>6.2f}{m['control_matching_loss']:>12.4f}")
         lines.append(f"{'gradient gain':<16}{m['gain_psnr']:>+8.2f}{m['gain_ssim']:>+8.3f}")
-    lines.append(f"init PSNR {m['init_psnr']:.2f} dB; oracle-best restart PSNR {m['oracle_best_restart_psnr']:.2f} dB "
-                 "(upper bound: chosen by ground truth)")
+    if "closed_form_residual" in m:
+        lines.append(f"closed form: {result.tags.get('closed_form', '')}; residual "
+                     f"{m['closed_form_residual']:.2e} (first-layer update rebuilt from the solution vs the "
+                     "observed one; no target involved); no prior-only control (a closed form has no prior)")
+    else:
+        lines.append(f"init PSNR {m['init_psnr']:.2f} dB; oracle-best restart PSNR "
+                     f"{m['oracle_best_restart_psnr']:.2f} dB (upper bound: chosen by ground truth)")
+    if "start_residual" in m:
+        lines.append(f"start: the closed-form estimate read off the update (residual {m['start_residual']:.2e})")
     if result.scores.lpips is None:
         lines.append(f"LPIPS missing: {result.scores.lpips_missing}")
     if "init_source" in result.tags:

@@ -1,0 +1,204 @@
+"""Closed-form (analytic) gradient inversion: what an honest server reads off the update by
+solving a linear system, without optimizing.
+
+Two closed forms, each exact for one image per update:
+
+- ``april`` (Lu et al., CVPR 2022, for vision transformers): a patch embedding ``E_i = W x_i + b``
+  followed by an additive, learnable position embedding ``P``. The gradient of ``W`` is
+  ``G = sum_i g_i x_iᵀ`` and the gradient of the patch rows of ``P`` is ``g_i`` itself, so with
+  ``D`` the ``N x dim`` matrix of those rows, ``G = Dᵀ X`` and one least-squares solve returns the
+  patches ``X``. It needs ``N <= dim`` (more channels than patches).
+- ``linear`` (Phong et al. 2017; Fan et al.): a dense first layer with a bias. Its weight
+  gradient is ``g xᵀ`` and its bias gradient ``g``, so ``x = Gᵀ g / |g|²``.
+
+FedAvg's local steps keep both relations for one image (every step's weight delta has the same
+input), and a uniform scaling of the update (clipping) cancels. Each attack checks itself without
+the target: it rebuilds the first layer's update from its solution and reports the relative
+residual ``|Dᵀ X - G| / |G|`` (``|g xᵀ - G| / |G|``): about 1e-7 when the system is the one the
+client produced, orders of magnitude more when images mix or a defense distorted the update.
+
+The structure comes from the model (``suite/attack/first_layer.py``); an attack that does not
+apply says why in one line (``Applicability.reason``) before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from suite.attack.first_layer import FirstLayer, find_first_layer
+from suite.errors import GistressError
+from suite.results import Reconstruction
+
+METHODS = ("april", "linear")
+# a residual below this says the solved input reproduces the first layer's update (one image,
+# undistorted update); measured ~1e-7 on true single-image updates, >= 1e-2 once images mix
+EXACT_RESIDUAL = 1e-3
+
+
+@dataclass(frozen=True)
+class Applicability:
+    """Whether a closed form applies to this model and update, and in words why (not)."""
+
+    method: str
+    applies: bool
+    reason: str
+    layer: FirstLayer
+    hint: str = ""
+
+    def refusal(self) -> GistressError:
+        """The one-line error a refused attack raises."""
+        return GistressError(f"the {self.method} closed form does not apply: {self.reason}", self.hint)
+
+
+def applicability(method: str, layer: FirstLayer, update_names: list[str], batch_size: int) -> Applicability:
+    """Whether ``method`` applies to a model whose first layer is ``layer`` and whose update has
+    the parameters ``update_names``, at ``batch_size`` images per update."""
+    if method not in METHODS:
+        raise GistressError(f"unknown closed form '{method}'", f"use one of {', '.join(METHODS)}")
+
+    other = next(m for m in METHODS if m != method)
+    structure = f"use an optimization preset (ig, gia_bn, dlg), or --preset {other} where it applies"
+
+    def no(reason: str, hint: str = structure) -> Applicability:
+        return Applicability(method, False, reason, layer, hint)
+
+    frozen = "the client does not train it, so the closed form has nothing to read; use an optimization preset"
+
+    in_update = set(update_names)
+    if method == "april":
+        if layer.kind != "patch_embedding":
+            return no(f"the input's first layer is not a patch embedding ({layer.describe})")
+        if layer.position is None:
+            return no(f"no learnable position embedding is added to the output of {layer.module}")
+        for what, name in (("position embedding", layer.position), ("patch embedding weight", layer.weight)):
+            if name not in in_update:
+                return no(f"the {what} {name} is not in the update (frozen on the client)", frozen)
+        if layer.tokens > layer.dim:
+            return no(f"{layer.tokens} patches but only {layer.dim} embedding channels: the system "
+                      "has more unknowns than equations")
+    else:
+        if layer.kind != "dense":
+            return no(f"the input's first layer is not a dense layer ({layer.describe})")
+        if layer.bias is None:
+            return no(f"the dense layer {layer.module} has no bias")
+        for what, name in (("weight", layer.weight), ("bias", layer.bias)):
+            if name not in in_update:
+                return no(f"the dense layer's {what} {name} is not in the update (frozen on the client)",
+                          frozen)
+    if batch_size != 1:
+        return no(f"the update comes from a batch of {batch_size} images; the closed form separates one "
+                  "image per update (with more, the observed rows are sums over images)",
+                  "attack one image per update, or start an optimization preset from the mixed estimate "
+                  "with --init closed_form")
+    what = (f"patch embedding {layer.module} ({layer.tokens} patches of {layer.patch} px, {layer.dim} "
+            f"channels) with position embedding {layer.position}" if method == "april"
+            else f"dense first layer {layer.module} with bias")
+    return Applicability(method, True, what, layer)
+
+
+def method_for(layer: FirstLayer) -> str:
+    """The closed form that fits ``layer``'s structure (``april`` unless it is dense)."""
+    return "linear" if layer.kind == "dense" else "april"
+
+
+def solve_april(update: dict[str, torch.Tensor], layer: FirstLayer) -> tuple[torch.Tensor, float]:
+    """Patches from ``G = Dᵀ X`` by least squares: the normalized image (1, 3, H, W), residual."""
+    d = layer.dim
+    g = update[layer.weight].detach().double().cpu().reshape(d, -1)          # (dim, 3·p·p)
+    rows = update[layer.position].detach().double().cpu().reshape(-1, d)
+    pos = rows[layer.offset:layer.offset + layer.tokens]                      # (N, dim)
+    x = torch.linalg.lstsq(pos.T, g).solution                                 # (N, 3·p·p)
+    residual = _relative(pos.T @ x - g, g)
+    h, w, p = layer.grid[0], layer.grid[1], layer.patch
+    image = x.reshape(h, w, 3, p, p).permute(2, 0, 3, 1, 4).reshape(1, 3, h * p, w * p)
+    return image.float(), residual
+
+
+def solve_linear(update: dict[str, torch.Tensor], layer: FirstLayer,
+                 image_size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    """The input of a dense first layer: ``x = Gᵀ g / |g|²``; the normalized image and residual."""
+    g = update[layer.weight].detach().double().cpu()
+    b = update[layer.bias].detach().double().cpu()
+    norm2 = float(b @ b)
+    if norm2 == 0.0:  # no bias gradient survived (a sparsifying defense, say): nothing to read
+        return torch.zeros(1, 3, *image_size), 1.0
+    x = (g.T @ b) / norm2
+    return x.reshape(1, 3, *image_size).float(), _relative(torch.outer(b, x) - g, g)
+
+
+def _relative(diff: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = float(ref.norm())
+    return float(diff.norm()) / scale if scale > 0 else float("inf")
+
+
+def solve(method: str, update: dict[str, torch.Tensor], layer: FirstLayer,
+          image_size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    """Run closed form ``method`` on the named update tensors: (normalized image, residual)."""
+    if method == "april":
+        return solve_april(update, layer)
+    return solve_linear(update, layer, image_size)
+
+
+def probe_first_layer(variant, obs) -> FirstLayer:
+    """The first layer of the model the server sent (its own copy, probed with seeded noise)."""
+    import copy
+
+    model = copy.deepcopy(variant.model)
+    model.load_state_dict(obs.model_state)
+    return find_first_layer(model, tuple(obs.image_size), variant.to_normalized, obs.threat.bn_mode)
+
+
+def estimate(variant, obs, method: str | None = None) -> tuple[torch.Tensor, float, Applicability]:
+    """The closed-form image from ``obs`` whatever the batch size (a mixture when it is > 1): the
+    pixels (1, 3, H, W) unclamped, the residual, and the applicability at this batch size.
+
+    Raises the refusal when the structure itself does not fit (no patch or position embedding,
+    frozen parameters); the batch size alone does not stop it, so a caller can see what a
+    mixed batch yields or start an optimization from it.
+    """
+    layer = probe_first_layer(variant, obs)
+    method = method or method_for(layer)
+    verdict = applicability(method, layer, obs.param_names, obs.batch_size)
+    structural = applicability(method, layer, obs.param_names, 1)
+    if not structural.applies:
+        raise structural.refusal()
+    update = dict(zip(obs.param_names, obs.update))
+    normalized, residual = solve(method, update, layer, tuple(obs.image_size))
+    return variant.from_normalized(normalized), residual, verdict
+
+
+class ClosedFormAttacker:
+    """Reconstructs the client's image from an Observation in closed form (no optimization).
+
+    Construction refuses (``GistressError``, one line) when the method does not apply to this
+    model and update. ``matching_loss`` of the result is the attack spec's objective evaluated
+    at the solution (labels as the threat model grants, or inferred), so closed-form and
+    optimization runs compare on one scale; ``residual`` is the closed form's own check.
+    """
+
+    def __init__(self, variant, obs, spec, device: str | torch.device = "cpu", seed: int = 0):
+        self.variant, self.obs, self.spec, self.device, self.seed = variant, obs, spec, device, seed
+        self.layer = probe_first_layer(variant, obs)
+        self.applies = applicability(spec.method, self.layer, obs.param_names, obs.batch_size)
+        if not self.applies.applies:
+            raise self.applies.refusal()
+
+    def reconstruct(self) -> Reconstruction:
+        """Solve, clamp to the valid image range, and report the residual and the matching loss."""
+        update = dict(zip(self.obs.param_names, self.obs.update))
+        normalized, residual = solve(self.spec.method, update, self.layer, tuple(self.obs.image_size))
+        images = self.variant.from_normalized(normalized).clamp(0, 1)
+        loss = self._matching_loss(images)
+        return Reconstruction(images=images, matching_loss=loss, restart_images=[images], restart_losses=[loss],
+                              chosen=0, init=None, residual=residual)
+
+    def _matching_loss(self, images: torch.Tensor) -> float:
+        from suite.attack.attacker import Attacker
+
+        try:
+            attacker = Attacker(self.variant, self.obs, self.spec, device=self.device, seed=self.seed)
+            return attacker.matching_loss(images.to(attacker.device))
+        except GistressError:  # e.g. labels neither shared nor inferable: the residual still stands
+            return float("nan")
