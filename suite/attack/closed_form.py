@@ -103,29 +103,54 @@ def method_for(layer: FirstLayer) -> str:
     return "linear" if layer.kind == "dense" else "april"
 
 
-def solve_april(update: dict[str, torch.Tensor], layer: FirstLayer) -> tuple[torch.Tensor, float]:
-    """Patches from ``G = Dᵀ X`` by least squares: the normalized image (1, 3, H, W), residual."""
+@dataclass(frozen=True)
+class Solution:
+    """A closed-form solve: the normalized image (1, 3, H, W), the relative residual, and the rank
+    of the system against the number of unknown rows (patches; 1 for a dense layer). A rank below
+    the unknowns means the update does not pin the image down: the solve then returns the
+    minimum-norm image, which fits the update (small residual) without being the client's."""
+
+    image: torch.Tensor
+    residual: float
+    rank: int
+    unknowns: int
+
+    @property
+    def determined(self) -> bool:
+        """Whether the system has one solution (full rank)."""
+        return self.rank >= self.unknowns
+
+
+# singular values below this fraction of the largest count as zero (float32 updates: ~1e-7 noise)
+RANK_TOLERANCE = 1e-5
+
+
+def solve_april(update: dict[str, torch.Tensor], layer: FirstLayer) -> Solution:
+    """Patches from ``G = Dᵀ X`` by least squares."""
     d = layer.dim
     g = update[layer.weight].detach().double().cpu().reshape(d, -1)          # (dim, 3·p·p)
     rows = update[layer.position].detach().double().cpu().reshape(-1, d)
     pos = rows[layer.offset:layer.offset + layer.tokens]                      # (N, dim)
-    x = torch.linalg.lstsq(pos.T, g).solution                                 # (N, 3·p·p)
-    residual = _relative(pos.T @ x - g, g)
+    x = torch.linalg.lstsq(pos.T, g, driver="gelsd").solution                 # (N, 3·p·p), minimum norm
     h, w, p = layer.grid[0], layer.grid[1], layer.patch
     image = x.reshape(h, w, 3, p, p).permute(2, 0, 3, 1, 4).reshape(1, 3, h * p, w * p)
-    return image.float(), residual
+    return Solution(image.float(), _relative(pos.T @ x - g, g), _rank(pos), layer.tokens)
 
 
-def solve_linear(update: dict[str, torch.Tensor], layer: FirstLayer,
-                 image_size: tuple[int, int]) -> tuple[torch.Tensor, float]:
-    """The input of a dense first layer: ``x = Gᵀ g / |g|²``; the normalized image and residual."""
+def solve_linear(update: dict[str, torch.Tensor], layer: FirstLayer, image_size: tuple[int, int]) -> Solution:
+    """The input of a dense first layer: ``x = Gᵀ g / |g|²``."""
     g = update[layer.weight].detach().double().cpu()
     b = update[layer.bias].detach().double().cpu()
     norm2 = float(b @ b)
     if norm2 == 0.0:  # no bias gradient survived (a sparsifying defense, say): nothing to read
-        return torch.zeros(1, 3, *image_size), 1.0
+        return Solution(torch.zeros(1, 3, *image_size), 1.0, 0, 1)
     x = (g.T @ b) / norm2
-    return x.reshape(1, 3, *image_size).float(), _relative(torch.outer(b, x) - g, g)
+    return Solution(x.reshape(1, 3, *image_size).float(), _relative(torch.outer(b, x) - g, g), 1, 1)
+
+
+def _rank(m: torch.Tensor) -> int:
+    sv = torch.linalg.svdvals(m)
+    return int((sv > RANK_TOLERANCE * sv.max()).sum()) if sv.numel() and sv.max() > 0 else 0
 
 
 def _relative(diff: torch.Tensor, ref: torch.Tensor) -> float:
@@ -133,9 +158,8 @@ def _relative(diff: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff.norm()) / scale if scale > 0 else float("inf")
 
 
-def solve(method: str, update: dict[str, torch.Tensor], layer: FirstLayer,
-          image_size: tuple[int, int]) -> tuple[torch.Tensor, float]:
-    """Run closed form ``method`` on the named update tensors: (normalized image, residual)."""
+def solve(method: str, update: dict[str, torch.Tensor], layer: FirstLayer, image_size: tuple[int, int]) -> Solution:
+    """Run closed form ``method`` on the named update tensors."""
     if method == "april":
         return solve_april(update, layer)
     return solve_linear(update, layer, image_size)
@@ -150,9 +174,9 @@ def probe_first_layer(variant, obs) -> FirstLayer:
     return find_first_layer(model, tuple(obs.image_size), variant.to_normalized, obs.threat.bn_mode)
 
 
-def estimate(variant, obs, method: str | None = None) -> tuple[torch.Tensor, float, Applicability]:
+def estimate(variant, obs, method: str | None = None) -> tuple[torch.Tensor, Solution, Applicability]:
     """The closed-form image from ``obs`` whatever the batch size (a mixture when it is > 1): the
-    pixels (1, 3, H, W) unclamped, the residual, and the applicability at this batch size.
+    pixels (1, 3, H, W) unclamped, the solve, and the applicability at this batch size.
 
     Raises the refusal when the structure itself does not fit (no patch or position embedding,
     frozen parameters); the batch size alone does not stop it, so a caller can see what a
@@ -164,9 +188,8 @@ def estimate(variant, obs, method: str | None = None) -> tuple[torch.Tensor, flo
     structural = applicability(method, layer, obs.param_names, 1)
     if not structural.applies:
         raise structural.refusal()
-    update = dict(zip(obs.param_names, obs.update))
-    normalized, residual = solve(method, update, layer, tuple(obs.image_size))
-    return variant.from_normalized(normalized), residual, verdict
+    solution = solve(method, dict(zip(obs.param_names, obs.update)), layer, tuple(obs.image_size))
+    return variant.from_normalized(solution.image), solution, verdict
 
 
 class ClosedFormAttacker:
@@ -186,13 +209,14 @@ class ClosedFormAttacker:
             raise self.applies.refusal()
 
     def reconstruct(self) -> Reconstruction:
-        """Solve, clamp to the valid image range, and report the residual and the matching loss."""
+        """Solve, clamp to the valid image range, and report the residual and the matching loss
+        (``self.solution`` keeps the rank)."""
         update = dict(zip(self.obs.param_names, self.obs.update))
-        normalized, residual = solve(self.spec.method, update, self.layer, tuple(self.obs.image_size))
-        images = self.variant.from_normalized(normalized).clamp(0, 1)
+        self.solution = solve(self.spec.method, update, self.layer, tuple(self.obs.image_size))
+        images = self.variant.from_normalized(self.solution.image).clamp(0, 1)
         loss = self._matching_loss(images)
         return Reconstruction(images=images, matching_loss=loss, restart_images=[images], restart_losses=[loss],
-                              chosen=0, init=None, residual=residual)
+                              chosen=0, init=None, residual=self.solution.residual)
 
     def _matching_loss(self, images: torch.Tensor) -> float:
         from suite.attack.attacker import Attacker

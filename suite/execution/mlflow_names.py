@@ -24,6 +24,7 @@ METRIC_NAMES = {
     "matching_loss": "loss/matching", "total": "loss/total", "tv": "loss/tv", "bn_prior": "loss/bn_prior",
     "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds",
     "closed_form_residual": "closed_form/residual", "start_residual": "closed_form/start_residual",
+    "closed_form_rank": "closed_form/rank", "closed_form_unknowns": "closed_form/unknowns",
 }
 PREFIXES = {"control_": "control/", "gain_": "gain/"}  # control_psnr -> control/psnr, gain_ssim -> gain/ssim
 NOT_LOGGED = ("step",)  # the step is MLflow's x axis already

@@ -226,6 +226,8 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         metrics["init_psnr"] = init_scores.summary()["psnr"]
     if recon.residual is not None:
         metrics["closed_form_residual"] = recon.residual
+        metrics["closed_form_rank"] = attacker.solution.rank
+        metrics["closed_form_unknowns"] = attacker.solution.unknowns
     if start_residual is not None:
         metrics["start_residual"] = start_residual
     if control_scores is not None:
@@ -257,6 +259,11 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         tags["calibrated_on"] = calibrated_on
     if prepared.closed_form is not None:
         tags["closed_form"] = f"{prepared.closed_form.method} applies: {prepared.closed_form.reason}"
+        solution = getattr(attacker, "solution", None)
+        if solution is not None and not solution.determined:
+            tags["closed_form"] += (f"; underdetermined: the update has rank {solution.rank} for "
+                                    f"{solution.unknowns} unknown patches, so the solve returned the "
+                                    "minimum-norm image that fits it")
     if cfg.attack.closed_form and cfg.attack.control:
         tags["control"] = "not run: a closed form has no prior to run alone"
     if recon.diverged:
@@ -284,7 +291,8 @@ def closed_form_inits(cfg: RunConfig, variant, obs) -> tuple[list[torch.Tensor],
     estimate's residual."""
     from suite.attack.closed_form import estimate
 
-    pixels, residual, _ = estimate(variant, obs)
+    pixels, solution, _ = estimate(variant, obs)
+    residual = solution.residual
     start = pixels.clamp(0, 1).expand(obs.batch_size, -1, -1, -1).clone()
     gen = torch.Generator().manual_seed(cfg.seed + 23)
     inits = [start if r == 0 else (start + 0.05 * torch.randn(start.shape, generator=gen)).clamp(0, 1)
