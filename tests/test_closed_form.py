@@ -197,3 +197,21 @@ def test_closed_form_keys_leave_existing_config_hashes_alone():
     assert a.config_hash() == b.config_hash() == "329e4a1563feb8ff"  # its hash before these keys existed
     assert RunConfig(variant="lenet", attack=dict(preset="april")).config_hash() != a.config_hash()
     assert RunConfig(variant="lenet", threat=dict(frozen=["*fc*"])).config_hash() != a.config_hash()
+
+
+def test_audit_closed_form_level_leaks_on_a_tiny_vit_and_names_what_it_needed(workdir, capsys):
+    import json
+
+    opts = [x for k, val in TINY_VIT.items() for x in ("--opt", f"{k}={val}")]
+    rc = main(["audit", "--variant", "timm:vit_tiny_patch16_224", *opts, "--image", "astronaut", "--level",
+               "quick", "--iterations", "1", "--no-positive-control", "--out", "out", "--json", "--quiet"])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0
+    rows = {r["key"]: r for r in summary["rows"]}
+    cf = rows["closed_form"]
+    assert cf["status"] == "finished" and cf["leaked"] is True and cf["verdict"] == "leak"
+    assert cf["assumption_level"] == 0 and cf["positive_control_status"] is None and cf["psnr"] > 60
+    assert "closed_form" in summary["leaking_levels"] and "closed_form" not in summary["inconclusive_levels"]
+    assert "Leaks from the update alone (level 8, SoK assumption level 0)" in summary["verdict"]
+    assert "residual" in summary["verdict"] and "full rank" in summary["verdict"]

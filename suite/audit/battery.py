@@ -17,6 +17,11 @@ two audits of different models (or of the same model at two checkpoints) are com
 6. ``strongest``        preset ``gia_bn`` with restarts, exact BN batch statistics, inference-mode
                         BN: the upper bound.
 7. ``dlg``              level 1 attacked with DLG (squared-L2 matching, L-BFGS; classification only).
+8. ``closed_form``      level 1's update solved in closed form, no labels, no prior, no iterations:
+                        APRIL where a patch embedding feeds a learnable position embedding, the
+                        dense-layer solve where the first layer is dense with a bias. Elsewhere it
+                        reads "not applicable: <why>". Its evidence is the solve's own residual and
+                        rank (``suite/attack/closed_form.py``), so it runs no positive control.
 
 Levels 1, 3, 4, 5 use the ``ig`` preset (cosine matching + total variation), 2 and 6 ``gia_bn``, 7 ``dlg``. Every level runs the
 prior-only control (same start and budget, gradient term off), so the gradient's own gain is known.
@@ -55,6 +60,7 @@ class ThreatLevel:
     classification_only: bool = False
     eval_mode: bool = False         # needs non-random BN statistics
     strongest: bool = False
+    closed_form: bool = False       # the preset is the closed form that fits the model (april / linear)
 
 
 BATTERY: tuple[ThreatLevel, ...] = (
@@ -94,6 +100,12 @@ BATTERY: tuple[ThreatLevel, ...] = (
         "level 1 attacked with DLG instead: squared-L2 gradient matching and L-BFGS (joint soft labels "
         "when labels are not shared), the attack small sigmoid networks fall to where ig does not",
         "the DLG attack (L2 matching, L-BFGS)", {}, preset="dlg", classification_only=True),
+    ThreatLevel(
+        "closed_form", "closed form (april / linear)",
+        "level 1's update, labels not shared, solved in closed form: APRIL (patch embedding + learnable "
+        "position embedding) or the dense-layer solve (dense first layer with bias); no prior, no iterations",
+        "nothing beyond the update itself (a closed-form solve of the first layer: no labels, no prior)",
+        {"shares_labels": False}, preset="april", closed_form=True),
 )
 
 

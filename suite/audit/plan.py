@@ -74,7 +74,10 @@ class AuditPlan:
         skipped = {n: why for n, _, why in self.skipped}
         lines = []
         for n, lv in enumerate(BATTERY, start=1):
-            if n in planned:
+            if n in planned and planned[n].config.attack.closed_form:
+                lines.append(f"{n}. {lv.key}: {lv.grants} [{planned[n].notes[0]}; no positive control: the "
+                             "solve's residual and rank are its evidence]")
+            elif n in planned:
                 a, t = planned[n].config.attack, planned[n].config.threat
                 lines.append(f"{n}. {lv.key}: {lv.grants} [bn_mode={t.bn_mode}, update={t.update}"
                              + (f" x{t.local_steps} steps lr {t.local_lr}" if t.update == "fedavg" else "")
@@ -141,7 +144,17 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
         if lv.classification_only and task != "classification":
             skipped.append((number, lv, "detection: boxes and classes are always shared"))
             continue
+        if lv.closed_form:
+            method, why = _closed_form_fit(variant, size, task)
+            if method is None:
+                skipped.append((number, lv, f"not applicable: {why}"))
+                continue
+            lv = ThreatLevel(**{**lv.__dict__, "preset": method})
         pl = _plan_level(number, lv, base, b, images, size, model_has_bn, iterations, task)
+        if lv.closed_form:
+            pl.notes.insert(0, f"{lv.preset} applies: {why}")
+            levels.append(pl)  # its residual is its evidence: no positive control
+            continue
         if positive_control:
             pl.control = control_config(pl.config, task, variant.num_classes)
         levels.append(pl)
@@ -173,6 +186,24 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
                      positive_control=positive_control, reference=reference_for(task) if positive_control else None)
 
 
+def _closed_form_fit(variant, size: int, task: str) -> tuple[str | None, str]:
+    """The closed form that applies to an audited client batch of one image, and why; (None, why
+    not) where neither does."""
+    from suite.attack.closed_form import applicability, method_for
+    from suite.attack.first_layer import find_first_layer
+    from suite.threat.client import trainable
+
+    if task != "classification":
+        return None, "the closed forms read a classifier's first layer; a detector's stem is a strided convolution"
+    layer = find_first_layer(variant.model, (size, size), variant.to_normalized, REALISTIC["bn_mode"])
+    if layer.kind == "other":
+        return None, (f"neither closed form fits the first layer ({layer.describe}): APRIL needs a patch "
+                      "embedding followed by a learnable position embedding, the linear solve a dense first "
+                      "layer with a bias")
+    fit = applicability(method_for(layer), layer, trainable(variant.model)[0], 1)
+    return (fit.method, fit.reason) if fit.applies else (None, fit.reason)
+
+
 def _budget_size(b: Budget, input_size: int) -> int:
     return min(input_size, b.size_cap) if b.size_cap else input_size
 
@@ -186,7 +217,7 @@ def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images
         notes.append("no BatchNorm: train mode, no BN statistics")
     iters = iterations or {"gia_bn": b.gia_bn_iterations, "dlg": b.dlg_iterations}.get(lv.preset, b.ig_iterations)
     restarts = b.strongest_restarts if lv.strongest else 1
-    attack = dict(preset=lv.preset, iterations=iters, restarts=restarts, control=True)
+    attack = dict(preset=lv.preset, iterations=iters, restarts=restarts, control=not lv.closed_form)
     weights = base.weights
     if lv.eval_mode and has_bn and weights == "random":
         weights = "calibrated"
@@ -202,7 +233,7 @@ def fixed_keys() -> set[str]:
     (the realistic client's included), the attack preset and the prior-only control. ``--set`` on
     one of them is refused: it would change what the level measures."""
     threat = set(REALISTIC).union(*(lv.threat for lv in BATTERY))
-    return {f"threat.{k}" for k in threat} | {"attack.preset", "attack.control"}
+    return {f"threat.{k}" for k in threat} | {"attack.preset", "attack.control", "attack.method"}
 
 
 def apply_to_levels(plan, level_keys: dict) -> None:

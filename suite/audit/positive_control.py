@@ -19,6 +19,7 @@ LEAK = "leak"
 NO_LEAK = "no leak at this budget"
 INCONCLUSIVE = "inconclusive"
 UNCHECKED = "no leak (sensitivity not checked)"
+EXACT_NOT_LEAKED = "no leak (closed form: {evidence})"
 
 
 def reference_for(task: str) -> str | None:
@@ -40,14 +41,19 @@ def control_config(level_config: RunConfig, task: str, num_classes: int) -> RunC
     return RunConfig(**data)
 
 
-def level_verdict(leaked: bool | None, control_leaked: bool | None, control_planned: bool) -> str | None:
+def level_verdict(leaked: bool | None, control_leaked: bool | None, control_planned: bool,
+                  closed_form_evidence: str | None = None) -> str | None:
     """``leak``; ``no leak at this budget`` only when the positive control leaked; otherwise
     ``inconclusive`` (control ran and missed, failed, or no reference exists) or, when the user
-    switched controls off, ``no leak (sensitivity not checked)``. None: the level did not finish."""
+    switched controls off, ``no leak (sensitivity not checked)``. A closed-form level needs no
+    control: its quiet verdict carries the solve's own evidence (``closed_form_evidence``: residual
+    and rank). None: the level did not finish."""
     if leaked is None:
         return None
     if leaked:
         return LEAK
+    if closed_form_evidence is not None:
+        return EXACT_NOT_LEAKED.format(evidence=closed_form_evidence)
     if not control_planned:
         return UNCHECKED
     return NO_LEAK if control_leaked else INCONCLUSIVE

@@ -56,6 +56,9 @@ class Sample:
     reconstruction: Any = None
     control: Any = None
     boxes: Any = None
+    residual: float | None = None   # closed forms: the solve's residual, rank and unknowns
+    rank: int | None = None
+    unknowns: int | None = None
 
 
 @dataclass
@@ -86,7 +89,17 @@ class LevelOutcome:
         """leak | no leak at this budget | inconclusive | no leak (sensitivity not checked); None
         when the level did not finish."""
         return level_verdict(self.leaked, None if self.positive is None else self.positive.leaked,
-                             self.control_expected)
+                             self.control_expected, self.closed_form_evidence())
+
+    def closed_form_evidence(self) -> str | None:
+        """A closed-form level's evidence in words (median residual, lowest rank); None otherwise."""
+        if not self.level.closed_form or not self.samples:
+            return None
+        residual = statistics.median(s.residual for s in self.samples if s.residual is not None)
+        short = [s for s in self.samples if s.rank is not None and s.unknowns and s.rank < s.unknowns]
+        rank = (f", rank {short[0].rank} of {short[0].unknowns} unknowns (underdetermined)" if short
+                else ", full rank")
+        return f"residual {residual:.1e}{rank}"
 
     @property
     def brr(self) -> float | None:
@@ -151,6 +164,9 @@ def add_result(outcome: LevelOutcome, image: str, result) -> Sample:
             target=result.target.images[i].cpu(), reconstruction=recon[i].cpu(),
             control=None if control is None else control[i].cpu(),
             boxes=None if boxes is None else boxes[i],
+            residual=finite_or_none(m.get("closed_form_residual")),
+            rank=None if "closed_form_rank" not in m else int(m["closed_form_rank"]),
+            unknowns=None if "closed_form_unknowns" not in m else int(m["closed_form_unknowns"]),
         )
         outcome.samples.append(sample)
     # every restart is an independent attempt; the client batch leaked in it if any sample did
@@ -160,7 +176,7 @@ def add_result(outcome: LevelOutcome, image: str, result) -> Sample:
     outcome.leak_rule = sc.leak_rule
     # the level's assumption level and upper-bound flag come from its plan (the config's own rule)
     tags = result.tags or {}
-    for key in ("grants", "lpips", "leak_rule", "task", "device", "calibrated_on"):
+    for key in ("grants", "lpips", "leak_rule", "task", "device", "calibrated_on", "closed_form"):
         if key in tags:
             outcome.tags.setdefault(key, tags[key])
     if "inferred_labels" in tags:
@@ -226,7 +242,7 @@ def status_text(o: LevelOutcome) -> str:
     if o.status == "FINISHED":
         return "finished"
     if o.status == "SKIPPED":
-        return f"skipped: {o.error}"
+        return o.error if (o.error or "").startswith("not applicable") else f"skipped: {o.error}"
     if o.status == "NOT RUN":
         return "not run (audit interrupted)"
     return f"{o.status.lower()}: {o.error or 'no detail'}"
@@ -286,6 +302,13 @@ def conclusion(plan: AuditPlan, outcomes: list[LevelOutcome]) -> str:
         more = [x.level.key for x in leaking[1:]]
         if more:
             parts.append(f"Also leaked: {', '.join(more)}.")
+    elif leaking[0].level.closed_form:
+        o = leaking[0]
+        parts.append(f"Leaks from the update alone (level {o.number}, SoK assumption level "
+                     f"{o.assumption_level}): a realistic client's single FedSGD gradient, solved in closed "
+                     f"form ({o.tags.get('closed_form', 'closed form')}), gave back {o.brr:.0%} of the audited "
+                     f"images (median PSNR {o.median('psnr'):.1f} dB, {o.closed_form_evidence()}) with no "
+                     "labels, no image prior and no iterations.")
     else:
         needs = " or with ".join(o.level.needs for o in leaking)
         text = f"Leaks only with {needs}"
@@ -296,7 +319,8 @@ def conclusion(plan: AuditPlan, outcomes: list[LevelOutcome]) -> str:
     if plan.task == "detection" and finished:
         parts.append("Every detection level gave the server the client's ground-truth boxes and classes "
                      "(batch-specific side information, counted at SoK level 4).")
-    weak = [o for o in leaking if (o.median("gain_psnr") or 0.0) < SMALL_GAIN_DB]
+    # a closed form has no prior, so no prior-only control to weigh its leak against
+    weak = [o for o in leaking if not o.level.closed_form and (o.median("gain_psnr") or 0.0) < SMALL_GAIN_DB]
     if weak:
         parts.append(f"At level(s) {', '.join(str(o.number) for o in weak)} the gradient adds less than "
                      f"{SMALL_GAIN_DB:g} dB over the prior-only control, so the image prior, not the "
