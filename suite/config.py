@@ -44,6 +44,8 @@ PRESETS: dict[str, dict] = {
     "linear": dict(method="linear"),
 }
 CLOSED_FORMS = ("april", "linear")
+# run-config keys whose values hand the attacker something derived from the client's images
+TARGET_DERIVED_KEYS = ("attack.init", "attack.noise_p", "attack.noise_sigma", "attack.init_file")
 
 
 class AttackSpec(BaseModel):
@@ -126,8 +128,10 @@ class AttackSpec(BaseModel):
 
     @property
     def oracle_init(self) -> bool:
-        """True when the start image is derived from the target (an oracle assumption)."""
-        return self.init == "noisy_target"
+        """True when the start image may carry the target: ``noisy_target`` is built from it, and a
+        user-supplied ``file`` cannot be told apart from one that was. Either is a target-derived
+        grant, so the setting is an upper bound."""
+        return self.init in ("noisy_target", "file")
 
 
 class RunConfig(BaseModel):
@@ -175,8 +179,30 @@ class RunConfig(BaseModel):
 
             task = task_of(self.variant)
         priors = not self.attack.closed_form  # a closed form uses no image prior
-        return self.threat.assumption_level(uses_bn_prior=priors and bool(self.attack.bn_prior) and has_bn,
-                                            uses_tv=priors and bool(self.attack.tv), task=task)
+        level = self.threat.assumption_level(uses_bn_prior=priors and bool(self.attack.bn_prior) and has_bn,
+                                             uses_tv=priors and bool(self.attack.tv), task=task)
+        if self.weights == "calibrated" and has_bn:
+            level = max(level, 2)  # BN statistics estimated on data: the SoK's "data distribution"
+        return level
+
+    @property
+    def upper_bound(self) -> bool:
+        """True when the setting simplifies the client (eval-mode BN, exact statistics) or starts
+        the attacker from a target-derived image: what it measures bounds the realistic attack."""
+        return self.threat.upper_bound or self.attack.oracle_init
+
+    def attack_grants(self) -> dict[str, str]:
+        """Grants that come from the run config rather than the client's round: a target-derived
+        start and data-calibrated weights, each in words (merged into the ``grants`` tag)."""
+        a, out = self.attack, {}
+        if a.init == "noisy_target":
+            amount = f"p={a.noise_p}" if a.noise_p is not None else f"sigma={a.noise_sigma}"
+            out["init"] = f"noisy_target ({amount}): built from the client's images, an oracle (upper bound)"
+        elif a.init == "file":
+            out["init"] = "file: a user-supplied start, counted as target-derived (upper bound)"
+        if self.weights == "calibrated":
+            out["weights"] = "calibrated: BN statistics estimated on data (SoK level 2, data distribution)"
+        return out
 
     def flat_params(self) -> dict[str, str | int | float | bool]:
         """Flat MLflow params named by the suite's vocabulary."""

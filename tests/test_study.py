@@ -752,6 +752,11 @@ def test_shipped_spec_smoke_profile_runs(spec, tmp_path):
     bad = [(r["name"], r["status"], r.get("error")) for r in out.rows if r["status"] != "FINISHED"]
     assert not bad
     assert out.figure_path is not None and out.figure_path.is_file()
+    if spec.stem == "quickstart":  # the demo shows a textbook leak and a modern architecture leaking
+        by_variant = {r["variant"]: r["metrics"] for r in out.rows}
+        assert by_variant["vit_b_16"]["psnr"] > 60 and by_variant["vit_b_16"]["brr"] == 1.0
+        assert by_variant["vit_b_16"]["closed_form_residual"] < 1e-5
+        assert by_variant["lenet"]["brr"] == 1.0
 
 
 @pytest.mark.parametrize("name", ["fig1_modern_224", "fig2_resnet_bn", "fig4_noisy_init", "fig5_yolo"])

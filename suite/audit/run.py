@@ -127,7 +127,7 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
                     outcomes.append(LevelOutcome(n, lv, "SKIPPED", error=skipped[n]))
                 else:
                     outcomes.append(LevelOutcome(n, lv, "NOT RUN", assumption_level=planned[n].assumption_level,
-                                                 upper_bound=planned[n].config.threat.upper_bound))
+                                                 upper_bound=planned[n].config.upper_bound))
         outcomes.sort(key=lambda o: o.number)
         result.verdict = conclusion(plan, outcomes)
         _finish(result, client)
@@ -139,14 +139,14 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
                 continue
             pl = planned[number]
             outcome = LevelOutcome(number, lv, "FAILED", assumption_level=pl.assumption_level,
-                                   upper_bound=pl.config.threat.upper_bound, notes=list(pl.notes),
+                                   upper_bound=pl.config.upper_bound, notes=list(pl.notes),
                                    control_expected=plan.positive_control)
             outcomes.append(outcome)  # before it runs, so an interrupt reports it KILLED
             _run_level(outcome, pl, plan, client, exp_id, parent_id, out_dir, runner, progress, out)
             pc = pl.control_level()
             if pc is not None:
                 outcome.positive = LevelOutcome(number, lv, "FAILED", assumption_level=pl.assumption_level,
-                                                upper_bound=pc.config.threat.upper_bound,
+                                                upper_bound=pc.config.upper_bound,
                                                 config_variant=pc.config.variant)
                 _run_level(outcome.positive, pc, plan, client, exp_id, parent_id, out_dir, runner, progress, out)
     return result

@@ -162,7 +162,7 @@ def describe_result(cfg, metrics: Mapping[str, Any], tags: Mapping[str, Any]) ->
     if cfg.threat.upper_bound:
         notes.append("an upper bound (the client is simplified in the attacker's favour)")
     if cfg.attack.oracle_init:
-        notes.append("an oracle start (derived from the target)")
+        notes.append("an oracle start (target-derived: an upper bound)")
     if tags.get("diverged"):
         notes.append(f"diverged restarts: {tags['diverged']}")
     tail = f" Note: {'; '.join(notes)}." if notes else ""

@@ -251,7 +251,7 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
         "assumption_level": str(cfg.assumption_level(variant.task, has_bn=has_bn(variant.model))),
         "device": str(device),
         "task": variant.task,
-        "grants": json.dumps(obs.grants, sort_keys=True),
+        "grants": json.dumps({**obs.grants, **cfg.attack_grants()}, sort_keys=True),
         "lpips": "available" if scores.lpips is not None else f"missing: {scores.lpips_missing}",
         "leak_rule": scores.leak_rule,
     }

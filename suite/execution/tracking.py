@@ -160,7 +160,7 @@ def setting_tags(cfg, extra_tags: Mapping[str, Any] | None = None) -> dict[str, 
     """
     tags: dict[str, Any] = {
         "config_hash": cfg.config_hash(),
-        "upper_bound": cfg.threat.upper_bound,
+        "upper_bound": cfg.upper_bound,
         "oracle_init": cfg.attack.oracle_init,
         "variant": cfg.variant,
         "device": resolve_device(cfg.device),

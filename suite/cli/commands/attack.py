@@ -63,6 +63,22 @@ def config_from_args(args):
     return cfg
 
 
+def grants_line(result) -> str:
+    """What the attacker was granted, the SoK assumption level it adds up to, and whether the
+    setting is an upper bound (eval-mode BN, exact statistics or a target-derived start)."""
+    import json
+
+    cfg = result.config
+    grants = json.loads(result.tags.get("grants", "{}"))
+    text = "; ".join(f"{k}: {v}" for k, v in grants.items()) or "none"
+    level = result.tags.get("assumption_level", "?")
+    bound = " (an upper bound: " + ", ".join(
+        why for why, on in (("the client is simplified", cfg.threat.upper_bound),
+                            ("the start is target-derived", cfg.attack.oracle_init)) if on) + ")" \
+        if cfg.upper_bound else ""
+    return f"grants: {text}; SoK assumption level {level}{bound}"
+
+
 def summary_table(result) -> str:
     """The final table: attack and control scores side by side."""
     m = result.metrics
@@ -87,6 +103,7 @@ def summary_table(result) -> str:
         lines.append(f"LPIPS missing: {result.scores.lpips_missing}")
     if "init_source" in result.tags:
         lines.append(f"start: {result.tags['init_source']}; these scores depend on that start")
+    lines.append(grants_line(result))
     return "\n".join(lines)
 
 

@@ -95,6 +95,16 @@ def plan_from_args(args):
 
     fields = user_overrides(args)
     level_keys = {k: v for k, v in flatten(fields).items() if k.split(".")[0] in ("threat", "attack")}
+    from suite.config import TARGET_DERIVED_KEYS
+
+    # attack.init=random / closed_form read nothing of the client's images; every other value does
+    derived = sorted(k for k, v in level_keys.items() if k in TARGET_DERIVED_KEYS
+                     and not (k == "attack.init" and v in ("random", "closed_form")))
+    if derived:
+        raise GistressError(f"--set {derived[0]} would hand the attacker a start derived from the client's "
+                            "images (a target-derived grant), and an audit's levels never read the target",
+                            "leave it out; measure such a start apart with `gistress attack --init noisy_target`, "
+                            "where it is shown and counted as an upper bound")
     fixed = sorted(set(level_keys) & fixed_keys())
     if fixed:
         raise GistressError(f"{', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by the audit's "
