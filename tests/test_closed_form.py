@@ -92,6 +92,34 @@ def test_april_finds_the_structure_from_the_model_not_from_names():
     assert attacker.solution.determined
 
 
+class _LinearPatches(nn.Module):
+    """Patches cut with reshape/permute (einops-style) and a linear embedding, as some ViTs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3 * 8 * 8, 96)
+        self.pos = nn.Parameter(torch.randn(1, 16, 96) * 0.02)
+        self.mix = nn.TransformerEncoderLayer(96, 2, 128, dropout=0.0, batch_first=True, norm_first=True)
+        self.out = nn.Linear(96, 10)
+
+    def forward(self, x):
+        b = len(x)
+        patches = x.reshape(b, 3, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(b, 16, 8 * 8 * 3)
+        return self.out(self.mix(self.embed(patches) + self.pos).mean(1))
+
+
+def test_april_reads_a_linear_patch_embedding_through_its_rearrangement():
+    from variants.base import CIFAR_MEAN, CIFAR_STD, classifier
+
+    torch.manual_seed(0)
+    v = classifier("linear-patches", _LinearPatches(), (CIFAR_MEAN, CIFAR_STD), 32, 10, {})
+    batch = _batch(seed=6)
+    obs = _observe(v, batch)
+    layer = probe_first_layer(v, obs)
+    assert (layer.kind, layer.module, layer.position, layer.tokens) == ("patch_embedding", "net.embed", "net.pos", 16)
+    assert _psnr(_attack(v, obs, "april").images, batch.images) > 60
+
+
 def test_an_update_of_too_low_rank_is_reported_though_its_residual_is_tiny():
     """Post-norm attention read only at the class token: each patch token's gradient lies in the
     span of a few per-head directions, so 16 patches give a rank-deficient system. The minimum-norm

@@ -92,7 +92,8 @@ def applicability(method: str, layer: FirstLayer, update_names: list[str], batch
                   "image per update (with more, the observed rows are sums over images)",
                   "attack one image per update, or start an optimization preset from the mixed estimate "
                   "with --init closed_form")
-    what = (f"patch embedding {layer.module} ({layer.tokens} patches of {layer.patch} px, {layer.dim} "
+    size = f"of {layer.patch} px" if layer.pixels is None else "(linear)"
+    what = (f"patch embedding {layer.module} ({layer.tokens} patches {size}, {layer.dim} "
             f"channels) with position embedding {layer.position}" if method == "april"
             else f"dense first layer {layer.module} with bias")
     return Applicability(method, True, what, layer)
@@ -125,15 +126,20 @@ class Solution:
 RANK_TOLERANCE = 1e-5
 
 
-def solve_april(update: dict[str, torch.Tensor], layer: FirstLayer) -> Solution:
+def solve_april(update: dict[str, torch.Tensor], layer: FirstLayer, image_size: tuple[int, int]) -> Solution:
     """Patches from ``G = Dᵀ X`` by least squares."""
     d = layer.dim
     g = update[layer.weight].detach().double().cpu().reshape(d, -1)          # (dim, 3·p·p)
     rows = update[layer.position].detach().double().cpu().reshape(-1, d)
     pos = rows[layer.offset:layer.offset + layer.tokens]                      # (N, dim)
     x = torch.linalg.lstsq(pos.T, g, driver="gelsd").solution                 # (N, 3·p·p), minimum norm
-    h, w, p = layer.grid[0], layer.grid[1], layer.patch
-    image = x.reshape(h, w, 3, p, p).permute(2, 0, 3, 1, 4).reshape(1, 3, h * p, w * p)
+    if layer.pixels is not None:  # a linear patch embedding: put every solved value back in place
+        flat = torch.zeros(layer.pixels.numel(), dtype=x.dtype)
+        flat[layer.pixels] = x.flatten()
+        image = flat.reshape(1, 3, *image_size)
+    else:
+        h, w, p = layer.grid[0], layer.grid[1], layer.patch
+        image = x.reshape(h, w, 3, p, p).permute(2, 0, 3, 1, 4).reshape(1, 3, h * p, w * p)
     return Solution(image.float(), _relative(pos.T @ x - g, g), _rank(pos), layer.tokens)
 
 
@@ -161,7 +167,7 @@ def _relative(diff: torch.Tensor, ref: torch.Tensor) -> float:
 def solve(method: str, update: dict[str, torch.Tensor], layer: FirstLayer, image_size: tuple[int, int]) -> Solution:
     """Run closed form ``method`` on the named update tensors."""
     if method == "april":
-        return solve_april(update, layer)
+        return solve_april(update, layer, image_size)
     return solve_linear(update, layer, image_size)
 
 

@@ -13,7 +13,7 @@ say "frozen" rather than "absent".
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,10 +26,12 @@ ADDITIVE_TOLERANCE = 1e-4
 class FirstLayer:
     """The layer the input meets first, and what the closed forms need to know about it.
 
-    ``kind``: ``patch_embedding`` (a convolution whose kernel equals its stride: non-overlapping
-    patches), ``dense`` (a linear layer on the flattened image) or ``other`` (``describe`` says
-    what). ``position``: the parameter added to the patch tokens right after the embedding,
-    ``offset`` of its rows before the first patch token (a class token's row, say).
+    ``kind``: ``patch_embedding`` (a convolution whose kernel equals its stride, or a linear
+    layer on patches cut from the image: non-overlapping patches), ``dense`` (a linear layer on
+    the flattened image) or ``other`` (``describe`` says what). ``position``: the parameter added
+    to the patch tokens right after the embedding, ``offset`` of its rows before the first patch
+    token (a class token's row, say). ``pixels``: for a linear patch embedding, the flat image
+    index (channel, row, column) of every entry of its (tokens x inputs) input, found by the probe.
     """
 
     kind: str
@@ -42,6 +44,7 @@ class FirstLayer:
     patch: int = 0
     grid: tuple[int, int] = (0, 0)
     dim: int = 0
+    pixels: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def tokens(self) -> int:
@@ -93,7 +96,8 @@ def find_first_layer(model: nn.Module, image_size: tuple[int, int], to_normalize
     (out * torch.randn(out.shape, generator=gen)).sum().backward()
     if emb.grad is None:
         return layer
-    tokens = emb.grad[0].flatten(1).T  # (N, D), row-major over the patch grid as ViTs flatten it
+    # (N, D): a conv's map row-major over the patch grid as ViTs flatten it; a linear layer's rows
+    tokens = emb.grad[0] if layer.pixels is not None else emb.grad[0].flatten(1).T
     position, offset = _additive_embedding(probe, tokens, skip={layer.weight, layer.bias})
     if position is None:
         return layer
@@ -119,11 +123,26 @@ def _classify(module: nn.Module, name: str, seen: torch.Tensor, normalized: torc
         return FirstLayer("patch_embedding", name, what + f" (patch embedding, {grid[0]}x{grid[1]} patches)",
                           weight=f"{name}.weight", bias=bias, patch=k[0], grid=grid, dim=module.out_channels)
     flat = normalized.flatten(1)
+    if seen.dim() == 3 and seen.numel() == flat.numel():
+        pixels = _permutation(seen.flatten(), flat.flatten())
+        if pixels is not None:
+            n, k = seen.shape[1:]
+            return FirstLayer("patch_embedding", name, f"{name}: a linear layer on {n} patches of {k} pixel "
+                              "values cut from the image (patch embedding)", weight=f"{name}.weight", bias=bias,
+                              grid=(n, 1), dim=module.out_features, pixels=pixels)
     if seen.dim() == 2 and seen.shape == flat.shape and torch.allclose(seen, flat, atol=1e-5):
         return FirstLayer("dense", name, f"{name}: a dense layer on the flattened image "
                           f"({module.in_features} -> {module.out_features})", weight=f"{name}.weight",
                           bias=bias, dim=module.out_features)
     return FirstLayer("other", name, f"{name}: a linear layer that does not see the flattened image")
+
+
+def _permutation(seen: torch.Tensor, image: torch.Tensor) -> torch.Tensor | None:
+    """Where each entry of ``seen`` sits in ``image`` when one is a rearrangement of the other (the
+    probe's pixel values are distinct, so sorting pairs them); None otherwise."""
+    index = torch.empty_like(seen, dtype=torch.long)
+    index[seen.argsort()] = image.argsort()
+    return index if torch.allclose(seen, image[index], atol=1e-6) else None
 
 
 def _additive_embedding(model: nn.Module, tokens: torch.Tensor, skip: set) -> tuple[str | None, int]:
