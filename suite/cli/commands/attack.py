@@ -109,7 +109,7 @@ def run(args) -> int:
             prepared = prepare_setting(cfg)
             with setting_run(cfg, experiment=args.experiment, tracking_uri=uri) as tr:
                 result = run_setting(cfg, out_dir=out, progress=not args.quiet, on_step=tr.log_step,
-                                     prepared=prepared)
+                                     prepared=prepared, on_images=tr.log_images)
                 tr.log_result(result)
                 run_id = tr.run_id
                 exp_id = tr.client.get_run(run_id).info.experiment_id
