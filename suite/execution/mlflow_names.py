@@ -36,8 +36,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # ``images/`` holds the images logged with ``log_image(key=..., step=...)``, and its UI drops every
 # image of a run whose ``images/`` has a file not named the way ``log_image`` names them.
 FIGURES_DIR = "figures"
-# Keys of the images logged for MLflow's image grids, in the order a comparison reads them.
-IMAGE_KEYS = ("target", "start", "control", "reconstruction")
+# Keys of the images logged for MLflow's image grids, in the order its grid shows them (rows): the
+# reconstruction right under its target, then the prior-only control and the attack's start.
+IMAGE_KEYS = ("target", "reconstruction", "control", "start")
 # Image steps are percent of the attack's budget, the same for every run whatever its iteration
 # count, so that the grid's step slider lines up runs of different budgets: 0 is the start,
 # IMAGE_FINAL the scored reconstruction; the steps between are the logged iterates nearest to
