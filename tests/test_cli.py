@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -38,8 +39,13 @@ def test_attack_cli_writes_table_pngs_and_one_mlflow_run(workdir, capsys):
     assert f"mlflow run: {run.info.run_id}; its page once `gistress ui` serves the store: " \
            f"http://127.0.0.1:5000{link}" in out
     assert "score/psnr" in run.data.metrics and "control/psnr" in run.data.metrics
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
-    assert {"images/reconstruction.png", "images/reconstruction_x8.png"} <= arts
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/reconstruction.png", "figures/reconstruction_x8.png"} <= arts
+    # images/ holds only what log_image(key=, step=) wrote: MLflow's UI drops a run's image grids
+    # when a file there is named otherwise
+    logged = [Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")]
+    assert logged and all("+step+" in name for name in logged)
+    assert "mlflow.loggedImages" in run.data.tags  # what makes the UI look for them
     hist = client.get_metric_history(run.info.run_id, "loss/matching")
     assert len(hist) >= 3  # step metrics every 2 steps, plus the final value
 

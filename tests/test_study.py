@@ -660,7 +660,7 @@ def test_submitit_local_workers_log_to_one_server(tmp_path, mlflow_server, monke
     assert {r["status"] for r in out.rows} == {"FINISHED", "FAILED"} and out.exit_code == 1
     run = c.get_run(by["alpha"].info.run_id)
     assert run.data.metrics["score/psnr"] > 0 and run.data.params["variant"] == "alpha"
-    assert "images" in {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert "figures" in {a.path for a in c.list_artifacts(run.info.run_id)}
     # steps logged from the worker process
     steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss/matching"))
     assert steps == [0, 2]  # step 0 from on_step (iterations=2, log_every=2), final value at step 2
@@ -733,13 +733,26 @@ images: [astronaut]
     c = client(uri)
     assert kid.info.status == "FINISHED" and "score/psnr" in kid.data.metrics
     assert len(c.get_metric_history(kid.info.run_id, "loss/matching")) >= 2
-    images = {Path(a.path).name for a in c.list_artifacts(kid.info.run_id, "images")}
+    images = {Path(a.path).name for a in c.list_artifacts(kid.info.run_id, "figures")}
     # 32 px images also come 8x larger (nearest neighbour), and the grid says what it holds
     assert {"target.png", "reconstruction.png", "reconstruction_x8.png", "target_x8.png",
             "comparison_target_init_reconstruction.png"} <= images
     from PIL import Image
 
-    with Image.open(c.download_artifacts(kid.info.run_id, "images/reconstruction_x8.png", str(tmp_path))) as im:
+    with Image.open(c.download_artifacts(kid.info.run_id, "figures/reconstruction_x8.png", str(tmp_path))) as im:
+        assert im.size == (256, 256)
+    # MLflow images for its image grids: per key, the image steps (percent of the budget) and 100
+    # (the scored images), nearest-neighbour enlarged to 256 px
+    logged: dict[str, set[int]] = {}
+    for a in c.list_artifacts(kid.info.run_id, "images"):
+        key, _, step, *_ = Path(a.path).stem.split("+")
+        logged.setdefault(key, set()).add(int(step))
+    assert set(logged) == {"target", "start", "reconstruction"}  # no control in this setting
+    assert logged["reconstruction"] == logged["target"] and {0, 100} <= logged["reconstruction"]
+    assert len(logged["reconstruction"]) <= 9
+    final = next(a.path for a in c.list_artifacts(kid.info.run_id, "images")
+                 if a.path.split("/")[-1].startswith("reconstruction+step+100+") and a.path.endswith(".png"))
+    with Image.open(c.download_artifacts(kid.info.run_id, final, str(tmp_path))) as im:
         assert im.size == (256, 256)
     assert out.figure_path.is_file()
 

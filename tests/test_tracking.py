@@ -98,9 +98,13 @@ def test_successful_run_is_finished_with_params_tags_metrics_artifacts(store, tm
     assert m["control/ssim"] == 0.3 and m["gain/psnr"] == float(f"{psnr - 9.0:.4g}")
     assert t["mlflow.note.content"].startswith("**lenet**") and "PSNR" in t["mlflow.note.content"]
     arts = {a.path for a in client(store).list_artifacts(tr.run_id)}
-    assert {"images", "config.yaml", "config.json", "scores.json"} <= arts
-    images = {Path(a.path).name for a in client(store).list_artifacts(tr.run_id, "images")}
+    assert {"figures", "images", "config.yaml", "config.json", "scores.json"} <= arts
+    images = {Path(a.path).name for a in client(store).list_artifacts(tr.run_id, "figures")}
     assert images == {"target.png", "reconstruction.png", "control.png"}
+    # images/ is MLflow's: the scored images for its image grids (a PNG and a thumbnail each), at step 100
+    logged = {Path(a.path).name.split("+")[:3] == [k, "step", "100"] for a in client(store).list_artifacts(tr.run_id, "images")
+              for k in ("target", "reconstruction", "control", "start") if Path(a.path).name.startswith(k + "+")}
+    assert logged == {True} and len(client(store).list_artifacts(tr.run_id, "images")) == 8
     # final-only metrics sit at step 0 (drawn as bars), curves end at the last step
     assert [h.step for h in client(store).get_metric_history(tr.run_id, "control/psnr")] == [0]
     assert max(h.step for h in client(store).get_metric_history(tr.run_id, "score/psnr")) == 5

@@ -1,13 +1,17 @@
 """The MLflow UI as a user first meets it: `gistress ui` on a tiny study, read in headless Chromium.
 
 A real study (two LeNet settings, 32 px, 3 iterations) goes into a fresh store; `gistress ui`
-serves it on a free loopback port; a browser with a fresh profile opens the link the command
-prints and must see the runs table with each child run and its PSNR, control PSNR and gain, and a
-child run's page must show its reconstruction at a legible size. Then the port is freed on SIGTERM.
+serves it on a free loopback port; a browser with a fresh profile opens the links the command
+prints and must see the runs table with each child run and its PSNR, control PSNR and gain, and
+the chart view with the key charts first and an image grid holding one reconstruction per run;
+the experiment's description must link to the study's parent run and to each run's page in
+model-training mode; a child run's page must show its reconstruction at a legible size. Then the
+port is freed on SIGTERM.
 
 ``GISTRESS_REFRESH_SCREENSHOTS=1`` saves the screenshots as the README's pictures
-(docs/mlflow-runs.png, docs/mlflow-run-images.png); ``GISTRESS_UI_STORE=sqlite:///...`` serves an
-existing store (e.g. the quickstart's) instead of the tiny study.
+(docs/mlflow-runs.png, docs/mlflow-compare.png, docs/mlflow-run-images.png);
+``GISTRESS_UI_STORE=sqlite:///...`` serves an existing store (e.g. the quickstart's) instead of
+the tiny study.
 """
 
 from __future__ import annotations
@@ -113,12 +117,13 @@ def expected(store, tmp_path_factory) -> dict:
     done = finished_runs(exp.name, store, client=client)
     runs = {s["name"]: client.get_run(done[s["config_hash"]]) for s in listed["settings"] if s["config_hash"] in done}
     assert runs, "the newest study has no finished setting"
-    return {"experiment_id": exp.experiment_id, "runs": runs, "names": {s["name"] for s in listed["settings"]}}
+    return {"experiment_id": exp.experiment_id, "runs": runs, "names": {s["name"] for s in listed["settings"]},
+            "parent_run_id": parent.info.run_id}
 
 
 @pytest.fixture(scope="module")
 def ui(store):
-    """`gistress ui` on a free port: (process, port, the link it printed)."""
+    """`gistress ui` on a free port: (process, port, the link it printed, the link to its charts)."""
     port = _free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"gistress-ui-{port}.log", "w+")
     t0 = time.perf_counter()
@@ -136,7 +141,8 @@ def ui(store):
         assert "serving at" in text, f"gistress ui did not come up:\n{text}"
         print(f"gistress ui ready in {time.perf_counter() - t0:.1f} s")
         link = re.search(r"runs of the newest study \(.*?\): (\S+)", text).group(1)
-        yield proc, port, link
+        charts = re.search(r"reconstructions side by side: (\S+)", text).group(1)
+        yield proc, port, link, charts
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -160,7 +166,7 @@ def _close_assistant(browser: Browser) -> None:
 
 
 def test_printed_link_opens_the_runs_table_with_psnr_control_and_gain(ui, expected, tmp_path):
-    proc, port, link = ui
+    proc, port, link, _ = ui
     assert link == f"http://127.0.0.1:{port}/#/experiments/{expected['experiment_id']}/runs?" \
                    "viewStateShareKey=gistress&workflowType=machine_learning"
     t0 = time.perf_counter()
@@ -187,16 +193,69 @@ def test_printed_link_opens_the_runs_table_with_psnr_control_and_gain(ui, expect
         _shot(b, "mlflow-runs.png", tmp_path)
 
 
+GRID_ROW_JS = """(() => {{
+  const label = Array.from(document.querySelectorAll('[role=row] [role=cell]')).find(c => c.innerText.trim() === '{key}');
+  if (!label) return null;
+  const row = label.closest('[role=row]'), table = row.closest('[role=table]');
+  return {{images: Array.from(row.querySelectorAll('img')).filter(i => i.complete && i.naturalWidth > 0).length,
+          runs: table.querySelector('[role=row]').innerText, top: label.getBoundingClientRect().top}};
+}})()"""
+KEY_TITLES = ("score/psnr", "gain/psnr", "score/ssim", "score/psnr_affine", "loss/matching")
+
+
+def test_chart_link_shows_key_charts_then_every_runs_reconstruction(ui, expected, tmp_path):
+    proc, port, _, charts = ui
+    assert charts == f"http://127.0.0.1:{port}/#/experiments/{expected['experiment_id']}/runs?" \
+                     "viewStateShareKey=gistress&compareRunsMode=CHART&workflowType=machine_learning"
+    n = len(expected["runs"])
+    t0 = time.perf_counter()
+    with Browser(height=1250) as b:  # a fresh profile; tall enough for the picture to show the grid's rows
+        b.goto(charts)
+        # the image grid's reconstruction row: one image per run of the study, no click needed
+        row = b.wait_for(f"(() => {{ const r = {GRID_ROW_JS.format(key='reconstruction')}; "
+                         f"return r && r.images >= {n} ? r : null; }})()", timeout=90)
+        print(f"image grid rendered in {time.perf_counter() - t0:.1f} s")
+        assert row["images"] == n and all(name in row["runs"] for name in expected["runs"])
+        for key in ("target", "control", "start"):  # the rows beside it, one image per run each
+            assert b.wait_for(f"(() => {{ const r = {GRID_ROW_JS.format(key=key)}; "
+                              f"return r && r.images >= {n} ? r.images : null; }})()", timeout=30) == n, key
+        # the key charts come first, drawn, then the images, then the sections MLflow adds itself
+        text = b.text()
+        pos = text.find("Key charts")
+        for title in (*KEY_TITLES, "Reconstructions side by side"):  # in this order after the section's name
+            assert pos >= 0 and text.find(title, pos) > pos, (title, text[pos:pos + 300])
+            pos = text.find(title, pos)
+        assert "Model training" in text and text.find("Reconstructions side by side") < text.find("control\n(")
+        assert b.wait_for("document.querySelectorAll('.js-plotly-plot').length", timeout=30) >= len(KEY_TITLES)
+        # the experiment's description: its parent run and every run page, in model-training mode
+        links = {label: href for label, href in b.evaluate(
+            "Array.from(document.querySelectorAll('a[href]')).map(a => [a.innerText.trim(), a.getAttribute('href')])")
+            if "workflowType" in href}  # MLflow's own run links (the runs list) carry no mode
+        parent = next(href for label, href in links.items() if "parent run" in label)
+        assert parent == f"#/experiments/{expected['experiment_id']}/runs/{expected['parent_run_id']}" \
+                         "?workflowType=machine_learning"
+        for name, run in expected["runs"].items():
+            assert links[name].endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning"), name
+        _close_assistant(b)
+        _shot(b, "mlflow-compare.png", tmp_path)
+        name = next(iter(expected["runs"]))
+        b.goto(f"http://127.0.0.1:{port}/{links[name]}")  # where the link leads (it opens a new tab)
+        b.wait_for(f"location.hash.includes({json.dumps(expected['runs'][name].info.run_id)}) && "
+                   "document.body.innerText.includes('Overview')", timeout=60)
+        side = b.evaluate("document.querySelector('aside').innerText")
+        assert "Model registry" in side and "Evaluation runs" not in side, side  # not MLflow's GenAI pages
+
+
 def test_a_child_run_shows_its_reconstruction_legibly(ui, store, expected, tmp_path):
     from mlflow import MlflowClient
 
-    proc, port, _ = ui
+    proc, port, _, _ = ui
     # the best reconstruction of the study (the one worth a picture)
     name, run = max(expected["runs"].items(), key=lambda kv: kv[1].data.metrics["score/psnr"])
     client = MlflowClient(tracking_uri=store)
-    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    large = next(p for p in images if re.fullmatch(r"images/reconstruction_x\d+\.png", p))
-    grid = next(p for p in images if p.startswith("images/comparison_"))
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+    large = next(p for p in images if re.fullmatch(r"figures/reconstruction_x\d+\.png", p))
+    grid = next(p for p in images if p.startswith("figures/comparison_"))
     base = f"http://127.0.0.1:{port}/#/experiments/{expected['experiment_id']}/runs/{run.info.run_id}"
     t0 = time.perf_counter()
     with Browser() as b:
@@ -217,7 +276,7 @@ def test_a_child_run_shows_its_reconstruction_legibly(ui, store, expected, tmp_p
 
 
 def test_a_second_ui_on_the_busy_port_says_so_in_one_line(ui, store):
-    _, port, _ = ui
+    _, port, _, _ = ui
     res = subprocess.run([sys.executable, "-m", "suite.cli", "ui", "--port", str(port), "--tracking-uri", store],
                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
@@ -226,7 +285,7 @@ def test_a_second_ui_on_the_busy_port_says_so_in_one_line(ui, store):
 
 
 def test_sigterm_ends_the_server_tree_and_frees_the_port(ui):
-    proc, port, _ = ui
+    proc, port, _, _ = ui
     children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     assert children, "gistress ui has no server process"
     groups = {os.getpgid(c) for c in children}

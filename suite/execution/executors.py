@@ -125,6 +125,20 @@ def check_tracking(plan_: Plan, uri: str) -> None:
               file=sys.stderr)
 
 
+def image_hook(run_fn, tr) -> dict[str, Any]:
+    """``{"on_images": tr.log_images}`` when the runner takes that keyword (``run_setting`` does;
+    a custom runner with only ``on_step`` still runs, without image grids), else ``{}``."""
+    import inspect
+
+    try:
+        params = inspect.signature(run_fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if any(p.name == "on_images" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {"on_images": tr.log_images}
+    return {}
+
+
 def _load_runner(spec: str):
     if ":" not in spec:
         raise GistressError(f"runner '{spec}' is not module:function", "e.g. suite.execution.runner:run_setting")
@@ -172,7 +186,8 @@ def execute_setting(job: SettingJob) -> dict:
         with setting_run(cfg, experiment=job.experiment, run_name=job.name, parent_run_id=job.parent_run_id,
                          tracking_uri=job.tracking_uri, extra_tags=job.extra_tags, run_id=job.run_id) as tr:
             row["run_id"] = tr.run_id
-            result = run_fn(cfg, out_dir=Path(job.out_dir), progress=job.progress, on_step=tr.log_step)
+            result = run_fn(cfg, out_dir=Path(job.out_dir), progress=job.progress, on_step=tr.log_step,
+                            **image_hook(run_fn, tr))
             tr.log_result(result)
         row["status"] = "FINISHED"
         row["metrics"] = numeric_metrics(result.metrics)

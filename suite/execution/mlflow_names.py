@@ -34,6 +34,19 @@ PARAM_NAMES = {"tv": "weight/tv", "bn_prior": "weight/bn_prior"}
 # "7.32", not "7.3213491439819336"; metrics.json and scores.json keep full precision.
 DIGITS = 4
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# A setting run's PNG files (what reports read back) go under this artifact folder: MLflow's own
+# ``images/`` holds the images logged with ``log_image(key=..., step=...)``, and its UI drops every
+# image of a run whose ``images/`` has a file not named the way ``log_image`` names them.
+FIGURES_DIR = "figures"
+# Keys of the images logged for MLflow's image grids, in the order its grid shows them (rows): the
+# reconstruction right under its target, then the prior-only control and the attack's start.
+IMAGE_KEYS = ("target", "reconstruction", "control", "start")
+# Image steps are percent of the attack's budget, the same for every run whatever its iteration
+# count, so that the grid's step slider lines up runs of different budgets: 0 is the start,
+# IMAGE_FINAL the scored reconstruction; the steps between are the logged iterates nearest to
+# each eighth of the budget.
+IMAGE_FINAL = 100
+IMAGE_FRACTIONS = 8
 # MLflow limits: 8000 characters for a tag value, 6000 for a param value, 100 params per batch.
 TAG_MAX, PARAM_MAX, PARAM_BATCH = 5000, 6000, 100
 # The tag that says what a run is: setting, study, audit, audit_level, ... (resume looks settings up by it).

@@ -21,6 +21,8 @@ from suite.model.bnstats import has_bn
 from suite.results import RunResult
 
 StepHook = Callable[[int, dict[str, float]], None]
+# (what, step, images): "reconstruction" or "control", the logged step, the iterate (B, 3, H, W) on CPU
+ImageHook = Callable[[str, int, torch.Tensor], None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -160,11 +162,14 @@ def check_closed_form(cfg: RunConfig, variant, batch):
 
 
 def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
-                on_step: StepHook | None = None, prepared: Prepared | None = None) -> RunResult:
+                on_step: StepHook | None = None, prepared: Prepared | None = None,
+                on_images: ImageHook | None = None) -> RunResult:
     """Run one setting and write its artifacts into ``out_dir``; returns the RunResult.
 
     ``prepared``: the output of ``prepare_setting(cfg)`` when the caller checked the inputs
-    first (the result is the same either way).
+    first (the result is the same either way). ``on_images`` sees the iterate of the attack
+    ("reconstruction") and of its prior-only control ("control") at every logged step of every
+    restart, in the order the attacker logs them (tracking keeps a few for MLflow's image grids).
     """
     from suite.attack.attacker import Attacker
     from suite.scoring.metrics import psnr_per_sample, score, wsrr
@@ -193,8 +198,11 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     bar = _progress(cfg, progress)
 
     def callback(step, record, x):
-        values = psnr_per_sample(batch.images, x.cpu())
+        x = x.cpu()
+        values = psnr_per_sample(batch.images, x)
         extra = {"psnr": sum(values) / len(values)}
+        if on_images is not None:
+            on_images("reconstruction", step, x)
         if on_step is not None:
             on_step(step, {**record, **extra})
         if bar is not None:
@@ -213,7 +221,11 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     # a closed form has no prior to run alone: no prior-only control
     if (cfg.attack.control or cfg.attack.init == "noisy_target") and not cfg.attack.closed_form:
         # the attack's own starts, restart count and selection rule: "same init and budget" literally
-        control = attacker.reconstruct(inits, control=True)
+        def control_callback(step, record, x):
+            on_images("control", step, x.cpu())
+
+        control = attacker.reconstruct(inits, control=True,
+                                       callback=control_callback if on_images is not None else None)
         control_scores = score(batch.images, control.images, content=batch.content, **thr)
         control.matching_loss = attacker.matching_loss(control.images.to(device))
 

@@ -95,15 +95,19 @@ def _panel_path(row: dict, panel: str, client, cache_dir: Path | None) -> Path |
     run_id = row.get("run_id")
     if client is None or not run_id or row.get("status") != "FINISHED" or cache_dir is None:
         return None
-    target = Path(cache_dir) / run_id / "images" / f"{panel}.png"
-    if target.is_file():
-        return target
+    from suite.execution.mlflow_names import FIGURES_DIR
+
+    for folder in (FIGURES_DIR, "images"):  # runs logged before the PNGs moved keep them in images/
+        target = Path(cache_dir) / run_id / folder / f"{panel}.png"
+        if target.is_file():
+            return target
     try:
-        names = {Path(a.path).name for a in client.list_artifacts(run_id, "images")}
-        if f"{panel}.png" not in names:
-            return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(client.download_artifacts(run_id, f"images/{panel}.png", str(Path(cache_dir) / run_id)))
+        for folder in (FIGURES_DIR, "images"):
+            names = {Path(a.path).name for a in client.list_artifacts(run_id, folder)}
+            if f"{panel}.png" in names:
+                (Path(cache_dir) / run_id).mkdir(parents=True, exist_ok=True)
+                return Path(client.download_artifacts(run_id, f"{folder}/{panel}.png", str(Path(cache_dir) / run_id)))
+        return None
     except Exception:  # a figure with a blank cell beats no figure
         return None
 

@@ -121,7 +121,8 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
         from suite.execution.mlflow_ui import save_study_view, summary_table
 
         # the runs-table view first: it is what `gistress ui` opens, whatever fails after it
-        save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile)
+        save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile,
+                        parent_run_id=parent_id)
         table = summary_table(rows)
         if table:  # the same table, rendered as a table on the parent's artifacts page
             client.log_table(parent_id, table, "summary_table.json")

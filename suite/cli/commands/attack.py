@@ -125,6 +125,7 @@ def run(args) -> int:
         if args.no_mlflow:
             result = run_setting(cfg, out_dir=out, progress=not args.quiet)
         else:
+            from suite.execution.executors import image_hook
             from suite.execution.mlflow_ui import run_link
             from suite.execution.tracking import check_reachable, resolve_tracking_uri, setting_run
 
@@ -133,7 +134,7 @@ def run(args) -> int:
             prepared = prepare_setting(cfg)
             with setting_run(cfg, experiment=args.experiment, tracking_uri=uri) as tr:
                 result = run_setting(cfg, out_dir=out, progress=not args.quiet, on_step=tr.log_step,
-                                     prepared=prepared)
+                                     prepared=prepared, **image_hook(run_setting, tr))
                 tr.log_result(result)
                 run_id = tr.run_id
                 exp_id = tr.client.get_run(run_id).info.experiment_id

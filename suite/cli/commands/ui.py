@@ -1,7 +1,8 @@
 """``gistress ui``: the MLflow UI for the tracking store the suite uses (bound to 127.0.0.1).
 
 It prints the link that opens the newest study's runs table (its saved view, in MLflow's
-model-training mode) and serves until Ctrl-C or SIGTERM, then ends the server's whole process
+model-training mode) and the link to the same view's charts (key charts, then every run's
+reconstruction side by side) and serves until Ctrl-C or SIGTERM, then ends the server's whole process
 tree: ``mlflow server`` starts uvicorn workers that would otherwise keep the port.
 """
 
@@ -78,26 +79,29 @@ def check_port(host: str, port: int) -> None:
                                 f"gistress ui --port {port + 1}") from None
 
 
-def study_links(uri: str, base_url: str) -> list[tuple[str, str]]:
-    """(study, link to its runs view) for every study in the store, newest first (best effort)."""
+def study_links(uri: str, base_url: str) -> list[tuple[str, str, str]]:
+    """(study, link to its runs view, link to the view's charts) for every study in the store,
+    newest first (best effort)."""
     from suite.execution.mlflow_ui import runs_link, study_views
     from suite.execution.tracking import client_for
 
     try:
-        return [(name, runs_link(base_url, exp_id)) for name, exp_id in study_views(client_for(uri))]
+        return [(name, runs_link(base_url, exp_id), runs_link(base_url, exp_id, charts=True))
+                for name, exp_id in study_views(client_for(uri))]
     except Exception as exc:  # an unreadable store still gets its UI
         print(f"warning: could not list studies ({type(exc).__name__}: {exc})", file=sys.stderr)
         return []
 
 
-def print_links(links: list[tuple[str, str]], base_url: str) -> str:
+def print_links(links: list[tuple[str, str, str]], base_url: str) -> str:
     """Print where to go; return the link to open (the newest study's, else the UI's root)."""
     if not links:
         print(f"no study views yet (run `gistress study ...`); experiments: {base_url}", flush=True)
         return base_url
-    name, link = links[0]
+    name, link, charts = links[0]
     print(f"runs of the newest study ({name}): {link}", flush=True)
-    for other, url in links[1:10]:
+    print(f"  its key charts and reconstructions side by side: {charts}", flush=True)
+    for other, url, _ in links[1:10]:
         print(f"  study {other}: {url}", flush=True)
     if len(links) > 10:
         print(f"  ... and {len(links) - 10} more studies in the experiments list", flush=True)
