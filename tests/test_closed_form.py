@@ -203,6 +203,9 @@ def test_attack_cli_april_on_a_tiny_vit_logs_the_residual(workdir, capsys):
     assert run.data.tags["closed_form"].startswith("april applies: patch embedding net.patch_embed.proj")
     assert "control/psnr" not in run.data.metrics
     assert (workdir / "out" / "reconstruction.png").is_file() and not (workdir / "out" / "init.png").exists()
+    grid = {a.path.split("/")[-1].split("%")[0] for a in client.list_artifacts(run.info.run_id, "images")}
+    assert any(name.startswith("reconstruction") for name in grid), grid  # MLflow's image grid has it
+    assert not any(name.startswith("start") for name in grid)  # a closed form has no start image
 
 
 def test_optimization_started_from_the_closed_form_estimate(workdir):

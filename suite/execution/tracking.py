@@ -346,8 +346,9 @@ class SettingRun:
         try:
             batch, recon = result.target, result.reconstruction
             boxes = getattr(batch, "boxes", None)
-            final: dict[str, Any] = {"target": batch.images, "start": recon.init,
-                                     "reconstruction": recon.images[result.scores.order]}
+            final: dict[str, Any] = {"target": batch.images, "reconstruction": recon.images[result.scores.order]}
+            if recon.init is not None:  # a closed form has no start
+                final["start"] = recon.init
             chosen = {"reconstruction": (getattr(recon, "chosen", 0), result.scores.order)}
             if result.control is not None and result.control_scores is not None:
                 final["control"] = result.control.images[result.control_scores.order]
@@ -359,7 +360,7 @@ class SettingRun:
                         steps.setdefault(label, {})[what] = frames[restart][order].float() / 255
             for label, row in sorted(steps.items()):
                 if label != IMAGE_FINAL:  # the constant rows beside each iterate: the grid reads whole
-                    row = {"target": final["target"], "start": final["start"], **row}
+                    row = {k: final[k] for k in ("target", "start") if k in final} | row
                 for what, images in row.items():
                     img = grid_image(images, boxes=boxes if what == "target" else None)
                     self.client.log_image(self.run_id, img, key=what, step=label)
