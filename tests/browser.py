@@ -18,10 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
-CHROMIUM = "/usr/bin/chromium"
+# GISTRESS_CHROMIUM points the tests at another binary (or, to check the skip path, a missing one)
+CHROMIUM = os.environ.get("GISTRESS_CHROMIUM", "/usr/bin/chromium")
+INSTALL = "apt-get install -y chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-pipe"]
+
+
+def require_chromium(path: str = CHROMIUM, required: bool | None = None) -> None:
+    """Skip the calling test, with the reason, when Chromium is absent; with
+    ``GISTRESS_REQUIRE_BROWSER=1`` (CI) fail instead, in one line naming the fix."""
+    import pytest
+
+    if Path(path).exists():
+        return
+    if required is None:
+        required = os.environ.get("GISTRESS_REQUIRE_BROWSER") == "1"
+    if required:
+        pytest.fail(f"{path} is absent and GISTRESS_REQUIRE_BROWSER=1 (fix: {INSTALL})", pytrace=False)
+    pytest.skip(f"{path} is absent ({INSTALL}); the browser tests need it")
 
 
 class BrowserError(RuntimeError):

@@ -1,14 +1,17 @@
-"""The benchmark's smoke test: it runs and writes its files (no timing assertions)."""
+"""The benchmark's smoke test: it runs and writes its files. One timing assertion, with a wide
+margin: an attack iteration costs more than the training step it differentiates through."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.__main__ import BEGIN, END
 
@@ -30,11 +33,14 @@ def test_bench_runs_and_writes_json_and_markdown_keeping_the_analysis(tmp_path):
     row = data["rows"][0]
     assert row["variant"] == "lenet" and "error" not in row
     assert row["train_step_s"] > 0 and row["attack_iter_s"] > 0
-    assert row["ratio"] == row["attack_iter_s"] / row["train_step_s"]
+    # an ig iteration runs the training step's forward and backward and then differentiates through
+    # them: it cannot cost less than the step (measured 3.6x for LeNet on CPU, docs/benchmarks.md)
+    assert row["ratio"] > 1, row
     assert row["restarts4_over_1"] > 0 and row["batched4_over_1"] > 0 and row["peak_rss_mib"] > 0
     assert row["attack_iter_s_default_malloc"] > 0 and row["train_step_s_default_malloc"] > 0 and row["malloc_tuned"] is (sys.platform.startswith("linux"))
     text = md.read_text()
     assert "| lenet | cpu |" in text and "Machine:" in text and data["machine"]["torch"] in text
+    assert f"| {row['ratio']:.2f} |" in text  # the table shows the JSON's numbers
     assert "old table" not in text and "intro" in text and "## Where the time goes\nkept" in text
     assert "attack iter, default malloc (s)" in text and "4 restarts / 1 (batched)" in text
 
@@ -61,8 +67,15 @@ def test_parity_smoke_both_engines_agree_at_the_start_and_return_finite_images(t
     assert {r["case"] for r in data["rows"]} == {"resnet18-train", "resnet18-eval", "convnet", "lenet-dlg"}
     for r in data["rows"]:
         assert abs(r["objective_gistress"] - r["objective_breaching"]) <= 1e-5
-        assert 0 < r["psnr_breaching"] < 100 and 0 < r["psnr_gistress"] < 100
         assert r["s_per_iter_breaching"] > 0 and r["s_per_iter_gistress"] > 0
+    # each PSNR is the one of the images the row carries (the --results rows keep them), recomputed
+    # here: 10 log10(1 / MSE) against the target, capped at 100 dB
+    for r in map(json.loads, rows.read_text().splitlines()):
+        target = torch.tensor(r["images"]["target"])
+        for engine in ("breaching", "gistress"):
+            mse = float(((torch.tensor(r["images"][engine]) - target) ** 2).mean())
+            assert r[f"psnr_{engine}"] == pytest.approx(min(100.0, 10 * math.log10(1 / mse)), abs=1e-3), \
+                (r["case"], engine)
     text = md.read_text()
     assert "analysis kept" in text and "| resnet18-eval | 2 | 1 |" in text and "parity.png" in text
     assert fig.stat().st_size > 1000

@@ -82,10 +82,13 @@ def test_every_table_flag_is_a_run_config_key_and_a_real_option():
 
 def test_table_types_and_choices_match_the_config():
     """The table writes types and choices out (the parser imports no pydantic); they must be the config's."""
-    for f in flag_table.FLAGS:
+    values = [f for f in flag_table.FLAGS if f.kind == "value"]  # on/off/list/options flags take no type
+    typed = [f for f in values if flag_table.field_of(f.key) is not None]
+    # only keys inside the free-form variant_options dict have no field to check against
+    assert {f.key.split(".")[0] for f in values if f not in typed} == {"variant_options"}
+    assert {"--iterations", "--lr", "--bn-mode", "--preset", "--seed"} <= {f.flag for f in typed}
+    for f in typed:
         info = flag_table.field_of(f.key)
-        if info is None or f.kind != "value":
-            continue
         args = [info.annotation]
         if typing.get_origin(info.annotation) in (typing.Union, types.UnionType):  # X | None
             args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
@@ -166,20 +169,21 @@ def test_misspelt_set_key_is_one_line_exit_2_and_writes_nothing(workdir, capsys,
 
 
 def test_audit_set_restarts_plans_every_level_and_control_with_it():
+    # 3 restarts: no level of the quick budget has them (strongest has 2), so an ignored override shows
     args = _args("audit", "--variant", "convnet", "--opt", "width=4", "--opt", "batchnorm=true",
-                 "--image", "astronaut", "--iterations", "2", "--set", "attack.restarts=2",
+                 "--image", "astronaut", "--iterations", "2", "--set", "attack.restarts=3",
                  "--set", "threat.defense=qsgd:8")
     plan = audit_cmd.plan_from_args(args)
     assert len(plan.levels) == 7  # convnet with BN: every level of the battery
     for pl in plan.levels:
-        assert (pl.config.attack.restarts, pl.config.attack.iterations) == (2, 2), pl.name
+        assert (pl.config.attack.restarts, pl.config.attack.iterations) == (3, 2), pl.name
         assert pl.config.threat.defense == "qsgd:8"
-        assert pl.control is not None and pl.control.attack.restarts == 2 and pl.control.variant == "lenet"
+        assert pl.control is not None and pl.control.attack.restarts == 3 and pl.control.variant == "lenet"
         assert pl.config.attack.preset == pl.level.preset and pl.config.attack.control  # the level's own
     strongest = next(pl for pl in plan.levels if pl.level.key == "strongest")
     assert (strongest.config.threat.bn_mode, strongest.config.threat.bn_stats) == ("eval", "exact")
     assert plan.iterations_override == 2
-    assert any("--set: attack.restarts=2 threat.defense=qsgd:8" in n for n in plan.notes)
+    assert any("--set: attack.restarts=3 threat.defense=qsgd:8" in n for n in plan.notes)
 
 
 def test_audit_set_wins_over_its_flags_and_sets_the_base():
@@ -201,18 +205,19 @@ def test_audit_refuses_keys_its_levels_set(workdir, capsys, key):
 
 
 def test_audit_records_its_overrides_in_report_and_mlflow(workdir, capsys):
-    """A tiny real audit (lenet, 1 iteration, no positive controls: about 15 s)."""
+    """A tiny real audit (lenet, 1 iteration, no positive controls: about 15 s); 3 restarts, which
+    no level of the quick budget has of its own."""
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     rc = main(["audit", "--variant", "lenet", "--image", "astronaut", "--iterations", "1", "--no-positive-control",
-               "--set", "attack.restarts=2", "--quiet", "--json", "--out", "out", "--tracking-uri", uri])
+               "--set", "attack.restarts=3", "--quiet", "--json", "--out", "out", "--tracking-uri", uri])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(summary["parent_run_id"])
-    assert parent.data.tags["audit.set"] == "attack.restarts=2"
+    assert parent.data.tags["audit.set"] == "attack.restarts=3"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert children and {c.data.params["restarts"] for c in children} == {"2"}
+    assert children and {c.data.params["restarts"] for c in children} == {"3"}
     notes = json.loads((workdir / "out" / "verdict.json").read_text())["notes"]
-    assert any("overrides given with --set: attack.restarts=2" in n for n in notes)
-    assert "overrides given with --set: attack.restarts=2" in (workdir / "out" / "report.md").read_text()
+    assert any("overrides given with --set: attack.restarts=3" in n for n in notes)
+    assert "overrides given with --set: attack.restarts=3" in (workdir / "out" / "report.md").read_text()

@@ -28,7 +28,10 @@ def test_short_attack_lowers_matching_loss(variant, bn_mode):
         result = run_setting(cfg, out_dir=Path(d), progress=False)
     hist = result.reconstruction.history
     assert [h["step"] for h in hist] == [0, 9]
-    assert hist[-1]["matching_loss"] < hist[0]["matching_loss"]
+    first, last = hist[0]["matching_loss"], hist[-1]["matching_loss"]
+    # a descent, not noise: the attack lowers the loss by 0.015 to 0.13 in the eight cases, while
+    # steps of the same size in random signs moved it by -0.008 to +0.003 (measured, torch 2.14)
+    assert last <= first - 0.01, (first, last)
     assert result.tags["task"] == "detection"
     assert "boxes+classes" in result.tags["grants"]  # the attacker was given the boxes: recorded
 

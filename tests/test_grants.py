@@ -69,15 +69,26 @@ def test_the_control_starts_where_the_attack_starts_with_the_same_restarts(tmp_p
     from suite.attack.attacker import Attacker
     from suite.execution.runner import run_setting
 
-    starts = {}
-    real = Attacker.reconstruct
+    # record the starts where each restart's descent begins, whoever picked them; the spies pass
+    # everything through unchanged (the runner's inits, None included)
+    starts: dict[bool, list[torch.Tensor]] = {}
+    running = []
+    real_reconstruct, real_start = Attacker.reconstruct, Attacker._start
 
-    def spy(self, inits=None, *, control=False, callback=None):
-        used = inits if inits is not None else self.initial_images()
-        starts[control] = [x.clone() for x in used]
-        return real(self, used, control=control, callback=callback)
+    def reconstruct(self, inits=None, *, control=False, callback=None):
+        running.append(control)
+        starts[control] = []
+        try:
+            return real_reconstruct(self, inits, control=control, callback=callback)
+        finally:
+            running.pop()
 
-    monkeypatch.setattr(Attacker, "reconstruct", spy)
+    def start(self, x0):
+        starts[running[-1]].append(x0.detach().clone())
+        return real_start(self, x0)
+
+    monkeypatch.setattr(Attacker, "reconstruct", reconstruct)
+    monkeypatch.setattr(Attacker, "_start", start)
     cfg = RunConfig(variant="lenet", size=32, device="cpu",
                     attack={"preset": "dlg", "iterations": 3, "restarts": 2, "control": True})
     res = run_setting(cfg, out_dir=tmp_path / "out", progress=False)

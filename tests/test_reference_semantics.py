@@ -84,17 +84,21 @@ def test_padded_tv_is_breachings_form_and_interior_tv_is_leakpros():
 
 def test_keep_best_returns_the_lowest_objective_iterate_not_the_last(lenet_obs):
     """An lr far too large makes the last iterate worse than an earlier one; keep=best returns
-    the earlier one (chosen by the attack's own objective), keep=last the final one."""
+    the earlier one (chosen by the attack's own objective), keep=last the final one.
+
+    At 14 steps the final iterate's objective is 0.477 against 0.205 logged before the last step
+    (measured; at 12 steps the final iterate happened to be the best, so both returned it)."""
     v, obs = lenet_obs
-    common = dict(preset="ig", iterations=12, lr=3.0, decay=False, log_every=1)
+    common = dict(preset="ig", iterations=14, lr=3.0, decay=False, log_every=1)
     best = Attacker(v, obs, AttackSpec(keep="best", **common), seed=0)
     last = Attacker(v, obs, AttackSpec(keep="last", **common), seed=0)
     r_best, r_last = best.reconstruct(), last.reconstruct()
-    totals = [h["total"] for h in r_last.history]
-    assert min(totals) < totals[-1]  # the trajectory did get worse
-    x_best = r_best.images.requires_grad_(False)
+    totals = [h["total"] for h in r_last.history]  # the objective before each step
     objective = lambda att, x: float(att.objective(x, att.labels, False, att.to_candidate(x))[0].detach())  # noqa: E731
-    assert objective(best, x_best) <= objective(last, r_last.images) + 1e-6
+    assert objective(last, r_last.images) > min(totals) + 0.05  # the trajectory did get worse
+    # keep=best returns an iterate as good as the best one logged along the way, not the last
+    assert objective(best, r_best.images) <= min(totals) + 1e-5
+    assert not torch.equal(r_best.images, r_last.images)
 
 
 def _inits(att, poisoned: int, n: int = 3):

@@ -8,6 +8,10 @@ the experiment's description must link to the study's parent run and to each run
 model-training mode; a child run's page must show its reconstruction at a legible size. Then the
 port is freed on SIGTERM.
 
+The two browser tests skip, with the reason, where Chromium is absent (``GISTRESS_CHROMIUM``
+names another binary); with ``GISTRESS_REQUIRE_BROWSER=1`` (set by .ci/run) they fail instead,
+naming the fix. The busy-port and SIGTERM tests need no browser and always run.
+
 ``GISTRESS_REFRESH_SCREENSHOTS=1`` saves the screenshots as the README's pictures
 (docs/mlflow-runs.png, docs/mlflow-compare.png, docs/mlflow-run-images.png);
 ``GISTRESS_UI_STORE=sqlite:///...`` serves an existing store (e.g. the quickstart's) instead of
@@ -27,14 +31,12 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import CHROMIUM, Browser
+from browser import Browser, require_chromium
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 REFRESH = os.environ.get("GISTRESS_REFRESH_SCREENSHOTS") == "1"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"{CHROMIUM} is absent (apt-get install chromium); the UI test needs it")
 
 TINY = """
 name: ui_tiny
@@ -166,6 +168,7 @@ def _close_assistant(browser: Browser) -> None:
 
 
 def test_printed_link_opens_the_runs_table_with_psnr_control_and_gain(ui, expected, tmp_path):
+    require_chromium()  # skips, or fails under GISTRESS_REQUIRE_BROWSER=1
     proc, port, link, _ = ui
     assert link == f"http://127.0.0.1:{port}/#/experiments/{expected['experiment_id']}/runs?" \
                    "viewStateShareKey=gistress&workflowType=machine_learning"
@@ -204,6 +207,7 @@ KEY_TITLES = ("score/psnr", "gain/psnr", "score/ssim", "score/psnr_affine", "los
 
 
 def test_chart_link_shows_key_charts_then_every_runs_reconstruction(ui, expected, tmp_path):
+    require_chromium()
     proc, port, _, charts = ui
     assert charts == f"http://127.0.0.1:{port}/#/experiments/{expected['experiment_id']}/runs?" \
                      "viewStateShareKey=gistress&compareRunsMode=CHART&workflowType=machine_learning"
@@ -247,6 +251,7 @@ def test_chart_link_shows_key_charts_then_every_runs_reconstruction(ui, expected
 
 
 def test_a_child_run_shows_its_reconstruction_legibly(ui, store, expected, tmp_path):
+    require_chromium()
     from mlflow import MlflowClient
 
     proc, port, _, _ = ui
@@ -298,3 +303,13 @@ def test_sigterm_ends_the_server_tree_and_frees_the_port(ui):
     for pgid in groups:  # no uvicorn worker or server process is left running
         assert live_members(pgid) == []
     assert _port_free(port)
+
+
+def test_a_missing_browser_skips_with_the_reason_or_fails_naming_the_fix():
+    """The gate itself, on a path that does not exist (no browser started)."""
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        require_chromium("/nonexistent/chromium", required=False)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        require_chromium("/nonexistent/chromium", required=True)
+    (line,) = str(failed.value).splitlines()
+    assert "GISTRESS_REQUIRE_BROWSER=1" in line and "(fix: apt-get install -y chromium)" in line

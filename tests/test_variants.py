@@ -459,10 +459,7 @@ def test_calibrate_without_bn_and_bad_images():
 
 
 def test_calibrate_detection_model():
-    try:
-        v = build("yolov8n")
-    except Exception as exc:  # the YOLO family is built elsewhere; only its calibration is tested here
-        pytest.skip(f"yolov8n does not build here: {exc}")
+    v = build("yolov8n")  # ultralytics is a dependency: a YOLO that does not build is a failure
     v.model.eval()
     W.calibrate_bn(v, torch.rand(1, 3, 64, 64), batches=1, views=2)
     bn = next(m for m in v.model.modules() if isinstance(m, torch.nn.BatchNorm2d))

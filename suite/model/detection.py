@@ -198,11 +198,9 @@ def eval_mode_requires_calibration(variant_or_model) -> bool:
 
     With fresh statistics every eval-mode BN is a fixed affine map, so gradients barely depend on the
     input and an eval-mode attack is meaningless; calibrate BN on data or load trained weights first.
-    Accepts a Variant or a module.
+    Accepts a Variant (anything with the module as ``.model``) or a module.
     """
-    from variants.base import Variant
-
-    model = variant_or_model.model if isinstance(variant_or_model, Variant) else variant_or_model
+    model = variant_or_model if isinstance(variant_or_model, nn.Module) else variant_or_model.model
     return bool(uncalibrated_bn_layers(model))
 
 
