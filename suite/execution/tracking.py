@@ -25,12 +25,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 from suite.errors import GistressError
+from suite.execution.image_grids import ImageGrids
 from suite.execution.lifecycle import end_run, run_tags, terminal_status
 from suite.execution.mlflow_names import (
     DIGITS,
     FIGURES_DIR,
-    IMAGE_FINAL,
-    IMAGE_FRACTIONS,
     IMAGE_SUFFIXES,
     KIND_TAG,
     NOTE_TAG,
@@ -228,37 +227,6 @@ def create_setting_run(
     return run_id
 
 
-def image_steps(iterations: int, log_interval: int, fractions: int = IMAGE_FRACTIONS) -> dict[int, int]:
-    """iteration -> image step (percent of the budget) for the iterates kept for MLflow's image
-    grids: the logged iteration nearest to each ``1/fractions`` of the budget (the attack logs
-    every ``log_interval`` steps and its last step), each iteration once. The scored
-    reconstruction takes ``IMAGE_FINAL`` (100)."""
-    iterations = max(1, int(iterations))
-    logged = sorted({s for s in range(0, iterations, max(1, int(log_interval)))} | {iterations - 1})
-    out: dict[int, int] = {}
-    for k in range(fractions):
-        want = k * iterations / fractions
-        nearest = min(logged, key=lambda s: (abs(s - want), s))
-        out.setdefault(nearest, round(k * IMAGE_FINAL / fractions))
-    return out
-
-
-def grid_image(images, *, boxes=None):
-    """A batch (B, 3, H, W) in [0, 1] as one RGB row, boxes drawn, enlarged by nearest neighbour
-    to a legible size (the long side of one image at least ``LEGIBLE_PX``)."""
-    from PIL import Image
-
-    from suite.reports.images import draw_boxes, tile, upscale_factor
-
-    img = tile(images)
-    if boxes is not None:
-        img = draw_boxes(img, boxes, images.shape[-1])
-    scale = upscale_factor((images.shape[-1], images.shape[-2]))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return img
-
-
 class SettingRun:
     """Handle yielded by ``setting_run``: log step metrics, iterates and the final result.
 
@@ -280,12 +248,7 @@ class SettingRun:
         self._pending: list = []
         self._flushed_at = time.monotonic()
         self._curves: set[str] = set()  # metric names that have a step curve in this run
-        attack = getattr(cfg, "attack", None)
-        self._image_steps = image_steps(attack.iterations, attack.log_interval) if attack is not None else {}
-        # what -> image step -> one uint8 batch per restart; what -> (previous step, restart, repeat)
-        self._frames: dict[str, dict[int, list]] = {}
-        self._order: dict[str, tuple[int, int, int]] = {}
-        self.image_seconds = 0.0  # time spent keeping and logging images (measured cost)
+        self._grids = ImageGrids(cfg)
 
     def log_step(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Queue step metrics; a tracking hiccup warns once and never stops the attack."""
@@ -314,62 +277,14 @@ class SettingRun:
                 self._step_warned = True
 
     def log_images(self, what: str, step: int, images) -> None:
-        """Keep the iterate of the attack or its control (``what``) when ``step`` is an image step.
+        """Keep the iterate of the attack or its control (``what``) for MLflow's image grids
+        (``suite.execution.image_grids.ImageGrids.keep``)."""
+        self._grids.keep(what, step, images)
 
-        The attacker logs every restart: one after another (the step falls back to 0 when the
-        next restart starts) or all at once (each step repeated once per restart), so the
-        restart is the count of fall-backs plus the repeats of the current step."""
-        import torch
-
-        t0 = time.perf_counter()
-        step = int(step)
-        prev, restart, repeat = self._order.get(what, (-1, 0, 0))
-        if step < prev:
-            restart, repeat = restart + 1, 0
-        elif step == prev:
-            repeat += 1
-        else:
-            repeat = 0
-        self._order[what] = (step, restart, repeat)
-        label = self._image_steps.get(step)
-        if label is not None:
-            frames = self._frames.setdefault(what, {}).setdefault(label, [])
-            index = restart + repeat
-            frames.extend([None] * (index + 1 - len(frames)))
-            frames[index] = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        self.image_seconds += time.perf_counter() - t0
-
-    def _log_image_grids(self, result) -> None:
-        """Target, start, control and reconstruction as MLflow images, at the kept steps and at
-        ``IMAGE_FINAL`` (the scored images, each matched to its target); never raises."""
-        t0 = time.perf_counter()
-        try:
-            batch, recon = result.target, result.reconstruction
-            boxes = getattr(batch, "boxes", None)
-            final: dict[str, Any] = {"target": batch.images, "reconstruction": recon.images[result.scores.order]}
-            if recon.init is not None:  # a closed form has no start
-                final["start"] = recon.init
-            chosen = {"reconstruction": (getattr(recon, "chosen", 0), result.scores.order)}
-            if result.control is not None and result.control_scores is not None:
-                final["control"] = result.control.images[result.control_scores.order]
-                chosen["control"] = (getattr(result.control, "chosen", 0), result.control_scores.order)
-            steps: dict[int, dict[str, Any]] = {IMAGE_FINAL: final}
-            for what, (restart, order) in chosen.items():
-                for label, frames in self._frames.get(what, {}).items():
-                    if restart < len(frames) and frames[restart] is not None:
-                        steps.setdefault(label, {})[what] = frames[restart][order].float() / 255
-            for label, row in sorted(steps.items()):
-                if label != IMAGE_FINAL:  # the constant rows beside each iterate: the grid reads whole
-                    row = {k: final[k] for k in ("target", "start") if k in final} | row
-                for what, images in row.items():
-                    img = grid_image(images, boxes=boxes if what == "target" else None)
-                    self.client.log_image(self.run_id, img, key=what, step=label)
-        except Exception as exc:  # the grids are a view; the scores and files are the result
-            print(f"warning: images for MLflow's image grids not logged ({one_line_error(exc, 200)})",
-                  file=sys.stderr)
-        finally:
-            self._frames.clear()
-            self.image_seconds += time.perf_counter() - t0
+    @property
+    def image_seconds(self) -> float:
+        """Time spent keeping and logging images (the measured cost of the image grids)."""
+        return self._grids.seconds
 
     def log_result(self, result) -> None:
         """Log final metrics, the result's tags and description, every artifact (PNGs under
@@ -400,7 +315,7 @@ class SettingRun:
                 sub = FIGURES_DIR if path.suffix.lower() in IMAGE_SUFFIXES else None
                 self.client.log_artifact(self.run_id, str(path), artifact_path=sub)
         if result.target is not None and result.reconstruction is not None:
-            self._log_image_grids(result)
+            self._grids.log(self.client, self.run_id, result)
         self.client.log_text(
             self.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml"
         )

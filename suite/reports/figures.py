@@ -87,22 +87,22 @@ def comparison_name(rows: Sequence[dict]) -> str:
     return "study_comparison_" + "_".join(panels) + ".png"
 
 
-def _panel_path(row: dict, panel: str, client, cache_dir: Path | None) -> Path | None:
-    """A panel's PNG: the local artifact if present, else downloaded from the MLflow run."""
+def _panel_path(row: dict, panel: str, client, cache_dir: Path | None,
+                folders: Sequence[str]) -> Path | None:
+    """A panel's PNG: the local artifact if present, else downloaded from the MLflow run's first
+    artifact folder in ``folders`` that has it."""
     local = (row.get("artifacts") or {}).get(panel)
     if local and Path(local).is_file():
         return Path(local)
     run_id = row.get("run_id")
     if client is None or not run_id or row.get("status") != "FINISHED" or cache_dir is None:
         return None
-    from suite.execution.mlflow_names import FIGURES_DIR
-
-    for folder in (FIGURES_DIR, "images"):  # runs logged before the PNGs moved keep them in images/
+    for folder in folders:
         target = Path(cache_dir) / run_id / folder / f"{panel}.png"
         if target.is_file():
             return target
     try:
-        for folder in (FIGURES_DIR, "images"):
+        for folder in folders:
             names = {Path(a.path).name for a in client.list_artifacts(run_id, folder)}
             if f"{panel}.png" in names:
                 (Path(cache_dir) / run_id).mkdir(parents=True, exist_ok=True)
@@ -113,8 +113,10 @@ def _panel_path(row: dict, panel: str, client, cache_dir: Path | None) -> Path |
 
 
 def study_figure(rows: Sequence[dict], path: str | Path, *, title: str = "", client=None,
-                 cache_dir: str | Path | None = None, cell_inches: float = 1.5) -> Path | None:
-    """Draw the study grid (rows: settings; per image: target | control | reconstruction)."""
+                 cache_dir: str | Path | None = None, cell_inches: float = 1.5,
+                 folders: Sequence[str] = ("images",)) -> Path | None:
+    """Draw the study grid (rows: settings; per image: target | control | reconstruction).
+    ``folders``: the runs' artifact folders that may hold the panels' PNGs, in the order to try."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +166,7 @@ def study_figure(rows: Sequence[dict], path: str | Path, *, title: str = "", cli
                 if r is None:
                     ax.set_facecolor("0.95")
                     continue
-                p = _panel_path(r, panel, client, cache_dir)
+                p = _panel_path(r, panel, client, cache_dir, folders)
                 if p is not None:
                     ax.imshow(mpimg.imread(str(p)), interpolation="nearest")  # show pixels as they are
                     ax.set_aspect("equal")

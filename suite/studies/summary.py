@@ -126,8 +126,12 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
         table = summary_table(rows)
         if table:  # the same table, rendered as a table on the parent's artifacts page
             client.log_table(parent_id, table, "summary_table.json")
+        from suite.execution.mlflow_names import FIGURES_DIR
+
+        # runs logged before the PNGs moved to figures/ keep them in images/
         outcome.figure_path = figures.study_figure(rows, study_dir / "figure.png", title=outcome.study,
-                                                   client=client, cache_dir=study_dir / ".artifact-cache")
+                                                   client=client, cache_dir=study_dir / ".artifact-cache",
+                                                   folders=(FIGURES_DIR, "images"))
         if outcome.figure_path is not None:
             from PIL import Image
 
