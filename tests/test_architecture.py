@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "execution": BELOW_EXECUTION,
     "studies": BELOW_EXECUTION | {"execution"},
     "audit": BELOW_EXECUTION | {"execution"},
+    "federation": BELOW_EXECUTION | {"execution"},
     "cli": {"*"},
 }
 
