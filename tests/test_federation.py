@@ -65,15 +65,16 @@ def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path):
     assert code == 0, tail
     seconds = time.perf_counter() - t0
     attacked = sorted(out.glob("round1-node*/update.pt"))
-    assert len(attacked) == 1, list(out.rglob("*"))
-    node = int(attacked[0].parent.name.split("node")[1])
-    received = torch.load(attacked[0])
-    sent = load_record(1, node, harness)["delta"]
-    assert list(received) == list(sent)  # the model's trainable-parameter order
-    for name in sent:
-        assert received[name].dtype == sent[name].dtype
-        assert torch.equal(received[name], sent[name]), name  # bit for bit
-    assert (attacked[0].parent / "metrics.json").exists()
+    assert len(attacked) == 2, list(out.rglob("*"))  # the example audits both clients of round 1
+    for path in attacked:
+        node = int(path.parent.name.split("node")[1])
+        received = torch.load(path)
+        sent = load_record(1, node, harness)["delta"]
+        assert list(received) == list(sent)  # the model's trainable-parameter order
+        for name in sent:
+            assert received[name].dtype == sent[name].dtype
+            assert torch.equal(received[name], sent[name]), name  # bit for bit
+        assert (path.parent / "metrics.json").exists()
     # every process the deployment started (and Flower's detached children) is gone
     assert not [p for p in pids if alive(p)]
     print(f"deployment test: {seconds:.0f} s")
