@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check suite variants bench tests
+	$(VENV)/bin/ruff check suite variants bench tests examples
 
 demo: $(STAMP)
 	$(VENV)/bin/gistress study runs/quickstart.yaml --profile smoke

@@ -41,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "suite.execution": BELOW_EXECUTION,
     "suite.studies": BELOW_EXECUTION | {"suite.execution"},
     "suite.audit": BELOW_EXECUTION | {"suite.execution"},
+    "suite.federation": BELOW_EXECUTION | {"suite.execution"},
     "suite.cli": {"*"},
     "bench": {"*"},
 }

@@ -171,19 +171,30 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     ("reconstruction") and of its prior-only control ("control") at every logged step of every
     restart, in the order the attacker logs them (tracking keeps a few for MLflow's image grids).
     """
-    from suite.attack.attacker import Attacker
-    from suite.scoring.metrics import psnr_per_sample, score, wsrr
     from suite.threat.client import Client
 
-    out_dir = Path(out_dir)
     prepared = prepared if prepared is not None else prepare_setting(cfg)
+    variant = prepared.variant
+    variant.model.to(prepared.device)
+    client = Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes, seed=cfg.seed)
+    obs = client.share(prepared.batch.to(prepared.device))
+    return attack_observation(cfg, obs, prepared, out_dir=out_dir, progress=progress, on_step=on_step,
+                              on_images=on_images)
+
+
+def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path, progress: bool = True,
+                       on_step: StepHook | None = None, on_images: ImageHook | None = None) -> RunResult:
+    """Attack an Observation that is already there and score the reconstruction: the second half
+    of ``run_setting``, also used where the update came from elsewhere (``suite.federation``: the
+    update a Flower server received). ``prepared.batch`` is the ground truth, used only to score
+    after the attack and to build oracle starts (``prepared.inits``); the attacker sees ``obs``."""
+    from suite.attack.attacker import Attacker
+    from suite.scoring.metrics import psnr_per_sample, score, wsrr
+
+    out_dir = Path(out_dir)
     t0 = prepared.started
     device, variant, batch, calibrated_on = prepared.device, prepared.variant, prepared.batch, prepared.calibrated_on
     variant.model.to(device)
-    target = batch.to(device)
-
-    client = Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes, seed=cfg.seed)
-    obs = client.share(target)
     if cfg.attack.closed_form:
         from suite.attack.closed_form import ClosedFormAttacker
 
