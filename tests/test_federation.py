@@ -3,6 +3,7 @@ deployment runtime (SuperLink + SuperNodes on 127.0.0.1, `flwr run`), and nothin
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,13 @@ def test_the_server_knows_only_the_config_it_sent():
     assert not server_threat({}).attacker_knows_training  # no learning rate sent: training unknown
 
 
+# the example federations: LeNet, and YOLOv8n at 64 px through the same path (boxes granted)
+EXAMPLES = {"lenet": [], "yolov8n": ["model='yolov8n'", "image-size=64", "lr=0.01", "attack-preset='ig'"]}
+
+
 @pytest.mark.timeout(240)
-def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("model", sorted(EXAMPLES))
+def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path, model):
     pytest.importorskip("flwr")
     from suite.federation.harness import ENV, load_record
     from suite.federation.local import LocalDeployment
@@ -59,7 +65,7 @@ def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path):
     t0 = time.perf_counter()
     with LocalDeployment(2, env=env) as deployment:
         procs = list(deployment.procs)
-        code = deployment.run(APP, ["num-server-rounds=1", "attack-iterations=1"], timeout=180)
+        code = deployment.run(APP, ["num-server-rounds=1", "attack-iterations=1", *EXAMPLES[model]], timeout=180)
         tail = deployment.log_tail() if code else ""
         pids = [p.pid for p in procs] + [d for p in procs for d in deployment_descendants(p.pid)]
     assert code == 0, tail
@@ -75,6 +81,10 @@ def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path):
             assert received[name].dtype == sent[name].dtype
             assert torch.equal(received[name], sent[name]), name  # bit for bit
         assert (path.parent / "metrics.json").exists()
+        config = json.loads((path.parent / "config.json").read_text())
+        assert config["variant"] == model and config["threat"]["update"] == "fedavg"
+        # the detection attack needs the boxes: granted by the client, so shared in the threat model
+        assert config["threat"]["shares_labels"] is (model == "yolov8n")
     # every process the deployment started (and Flower's detached children) is gone
     assert not [p for p in pids if alive(p)]
     print(f"deployment test: {seconds:.0f} s")

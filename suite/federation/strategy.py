@@ -83,13 +83,17 @@ class AuditingStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Queue the attacks on the sampled clients' updates, then aggregate as the wrapped
-        strategy does (the attacks run on the audit's worker, not here)."""
+        strategy does (the attacks run on the audit's worker, not here), the replies stripped of
+        the grants record so the wrapped strategy sees what a plain client sends."""
         replies = list(replies)
         sent = self.sent.pop(server_round, {})
         ok = {r.metadata.src_node_id: r for r in replies if r.has_content() and r.metadata.src_node_id in sent}
         for node_id in self.audit.sampled(server_round, list(ok)):
             self.audit.submit(server_round, node_id, self.observation(server_round, node_id, ok[node_id],
                                                                       *sent[node_id]))
+        for reply in replies:  # the grants are for the audit: strategies expect one ArrayRecord per reply
+            if reply.has_content() and GRANTS_KEY in reply.content:
+                del reply.content[GRANTS_KEY]
         return self.inner.aggregate_train(server_round, replies)
 
     def observation(self, server_round: int, node_id: int, reply: Message, sent: dict, config: dict):
