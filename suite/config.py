@@ -130,8 +130,12 @@ class AttackSpec(BaseModel):
     def oracle_init(self) -> bool:
         """True when the start image may carry the target: ``noisy_target`` is built from it, and a
         user-supplied ``file`` cannot be told apart from one that was. Either is a target-derived
-        grant, so the setting is an upper bound."""
-        return self.init in ("noisy_target", "file")
+        grant, so the setting is an upper bound. ``noisy_target`` with ``noise_p=1`` and no sigma
+        replaces every pixel by noise (``suite.attack.inits.noisy_target``): nothing of the target
+        is left, so it grants nothing (Fig. 4's no-information end point)."""
+        if self.init == "noisy_target":
+            return not (self.noise_p == 1.0 and not self.noise_sigma)
+        return self.init == "file"
 
 
 class RunConfig(BaseModel):
@@ -195,8 +199,10 @@ class RunConfig(BaseModel):
         """Grants that come from the run config rather than the client's round: a target-derived
         start and data-calibrated weights, each in words (merged into the ``grants`` tag)."""
         a, out = self.attack, {}
-        if a.init == "noisy_target":
-            amount = f"p={a.noise_p}" if a.noise_p is not None else f"sigma={a.noise_sigma}"
+        if a.init == "noisy_target" and not a.oracle_init:
+            out["init"] = "noisy_target (p=1.0): every pixel replaced by noise, nothing of the target left"
+        elif a.init == "noisy_target":
+            amount = ", ".join(f"{k}={v}" for k, v in (("p", a.noise_p), ("sigma", a.noise_sigma)) if v is not None)
             out["init"] = f"noisy_target ({amount}): built from the client's images, an oracle (upper bound)"
         elif a.init == "file":
             out["init"] = "file: a user-supplied start, counted as target-derived (upper bound)"

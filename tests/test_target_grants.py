@@ -19,6 +19,14 @@ def test_target_derived_starts_make_the_setting_an_upper_bound(attack):
     assert not RunConfig(variant="lenet").upper_bound and "init" not in RunConfig(variant="lenet").attack_grants()
 
 
+def test_a_noisy_target_with_every_pixel_replaced_grants_nothing():
+    """p = 1 replaces every pixel by noise (Fig. 4's end point): no target is left in the start."""
+    cfg = RunConfig(variant="lenet", attack=dict(init="noisy_target", noise_p=1.0))
+    assert not cfg.upper_bound and not cfg.attack.oracle_init
+    assert "nothing of the target left" in cfg.attack_grants()["init"]
+    assert RunConfig(variant="lenet", attack=dict(init="noisy_target", noise_p=1.0, noise_sigma=0.1)).upper_bound
+
+
 def test_calibrated_weights_count_at_the_data_distribution_level():
     bn = dict(variant="resnet18", variant_options={"stem": "cifar"}, attack=dict(preset="ig"))
     assert RunConfig(**bn).assumption_level("classification", has_bn=True) == 1
