@@ -32,9 +32,6 @@ from suite.errors import GistressError
 from suite.results import Reconstruction
 
 METHODS = ("april", "linear")
-# a residual below this says the solved input reproduces the first layer's update (one image,
-# undistorted update); measured ~1e-7 on true single-image updates, >= 1e-2 once images mix
-EXACT_RESIDUAL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -66,27 +63,25 @@ def applicability(method: str, layer: FirstLayer, update_names: list[str], batch
 
     frozen = "the client does not train it, so the closed form has nothing to read; use an optimization preset"
 
-    in_update = set(update_names)
     if method == "april":
         if layer.kind != "patch_embedding":
             return no(f"the input's first layer is not a patch embedding ({layer.describe})")
         if layer.position is None:
             return no(f"no learnable position embedding is added to the output of {layer.module}")
-        for what, name in (("position embedding", layer.position), ("patch embedding weight", layer.weight)):
-            if name not in in_update:
-                return no(f"the {what} {name} is not in the update (frozen on the client)", frozen)
-        if layer.tokens > layer.dim:
-            return no(f"{layer.tokens} patches but only {layer.dim} embedding channels: the system "
-                      "has more unknowns than equations")
+        needed = (("position embedding", layer.position), ("patch embedding weight", layer.weight))
     else:
         if layer.kind != "dense":
             return no(f"the input's first layer is not a dense layer ({layer.describe})")
         if layer.bias is None:
             return no(f"the dense layer {layer.module} has no bias")
-        for what, name in (("weight", layer.weight), ("bias", layer.bias)):
-            if name not in in_update:
-                return no(f"the dense layer's {what} {name} is not in the update (frozen on the client)",
-                          frozen)
+        needed = (("dense layer's weight", layer.weight), ("dense layer's bias", layer.bias))
+    in_update = set(update_names)
+    for what, name in needed:
+        if name not in in_update:
+            return no(f"the {what} {name} is not in the update (frozen on the client)", frozen)
+    if method == "april" and layer.tokens > layer.dim:
+        return no(f"{layer.tokens} patches but only {layer.dim} embedding channels: the system "
+                  "has more unknowns than equations")
     if batch_size != 1:
         return no(f"the update comes from a batch of {batch_size} images; the closed form separates one "
                   "image per update (with more, the observed rows are sums over images)",
@@ -102,6 +97,17 @@ def applicability(method: str, layer: FirstLayer, update_names: list[str], batch
 def method_for(layer: FirstLayer) -> str:
     """The closed form that fits ``layer``'s structure (``april`` unless it is dense)."""
     return "linear" if layer.kind == "dense" else "april"
+
+
+def fit(variant, image_size: tuple[int, int], bn_mode: str, method: str | None = None,
+        batch_size: int = 1) -> Applicability:
+    """Whether ``method`` (default: the one the structure fits) applies to the variant's model as
+    the client holds it (its trainable parameters are the update), at ``batch_size`` images per
+    update: one probe with seeded noise, before any client round or attack runs."""
+    from suite.threat.client import trainable
+
+    layer = find_first_layer(variant.model, image_size, variant.to_normalized, bn_mode)
+    return applicability(method or method_for(layer), layer, trainable(variant.model)[0], batch_size)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,11 @@ class Solution:
     def determined(self) -> bool:
         """Whether the system has one solution (full rank)."""
         return self.rank >= self.unknowns
+
+    def metrics(self) -> dict[str, float]:
+        """The solve's target-free checks under the run's metric keys."""
+        return {"closed_form_residual": self.residual, "closed_form_rank": self.rank,
+                "closed_form_unknowns": self.unknowns}
 
 
 # singular values below this fraction of the largest count as zero (float32 updates: ~1e-7 noise)
@@ -180,15 +191,17 @@ def probe_first_layer(variant, obs) -> FirstLayer:
     return find_first_layer(model, tuple(obs.image_size), variant.to_normalized, obs.threat.bn_mode)
 
 
-def estimate(variant, obs, method: str | None = None) -> tuple[torch.Tensor, Solution, Applicability]:
+def estimate(variant, obs, method: str | None = None,
+             layer: FirstLayer | None = None) -> tuple[torch.Tensor, Solution, Applicability]:
     """The closed-form image from ``obs`` whatever the batch size (a mixture when it is > 1): the
     pixels (1, 3, H, W) unclamped, the solve, and the applicability at this batch size.
 
     Raises the refusal when the structure itself does not fit (no patch or position embedding,
     frozen parameters); the batch size alone does not stop it, so a caller can see what a
-    mixed batch yields or start an optimization from it.
+    mixed batch yields or start an optimization from it. ``layer``: the sent model's first layer
+    when a caller probed it already (``fit``); else it is probed here.
     """
-    layer = probe_first_layer(variant, obs)
+    layer = layer if layer is not None else probe_first_layer(variant, obs)
     method = method or method_for(layer)
     verdict = applicability(method, layer, obs.param_names, obs.batch_size)
     structural = applicability(method, layer, obs.param_names, 1)
@@ -205,18 +218,21 @@ class ClosedFormAttacker:
     model and update. ``matching_loss`` of the result is the attack spec's objective evaluated
     at the solution (labels as the threat model grants, or inferred), so closed-form and
     optimization runs compare on one scale; ``residual`` is the closed form's own check.
+    ``layer``: the sent model's first layer when a caller probed it already (``fit``).
     """
 
-    def __init__(self, variant, obs, spec, device: str | torch.device = "cpu", seed: int = 0):
+    def __init__(self, variant, obs, spec, device: str | torch.device = "cpu", seed: int = 0,
+                 layer: FirstLayer | None = None):
         self.variant, self.obs, self.spec, self.device, self.seed = variant, obs, spec, device, seed
-        self.layer = probe_first_layer(variant, obs)
+        self.layer = layer if layer is not None else probe_first_layer(variant, obs)
         self.applies = applicability(spec.method, self.layer, obs.param_names, obs.batch_size)
         if not self.applies.applies:
             raise self.applies.refusal()
 
-    def reconstruct(self) -> Reconstruction:
+    def reconstruct(self, inits=None, *, callback=None) -> Reconstruction:
         """Solve, clamp to the valid image range, and report the residual and the matching loss
-        (``self.solution`` keeps the rank)."""
+        (``self.solution`` keeps the rank). ``inits`` and ``callback`` are the optimization
+        attacker's arguments; a solve has no start and no steps, so both go unused."""
         update = dict(zip(self.obs.param_names, self.obs.update))
         self.solution = solve(self.spec.method, update, self.layer, tuple(self.obs.image_size))
         images = self.variant.from_normalized(self.solution.image).clamp(0, 1)

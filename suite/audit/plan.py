@@ -189,19 +189,16 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
 def _closed_form_fit(variant, size: int, task: str) -> tuple[str | None, str]:
     """The closed form that applies to an audited client batch of one image, and why; (None, why
     not) where neither does."""
-    from suite.attack.closed_form import applicability, method_for
-    from suite.attack.first_layer import find_first_layer
-    from suite.threat.client import trainable
+    from suite.attack.closed_form import fit
 
     if task != "classification":
         return None, "the closed forms read a classifier's first layer; a detector's stem is a strided convolution"
-    layer = find_first_layer(variant.model, (size, size), variant.to_normalized, REALISTIC["bn_mode"])
-    if layer.kind == "other":
-        return None, (f"neither closed form fits the first layer ({layer.describe}): APRIL needs a patch "
+    found = fit(variant, (size, size), REALISTIC["bn_mode"])
+    if found.layer.kind == "other":
+        return None, (f"neither closed form fits the first layer ({found.layer.describe}): APRIL needs a patch "
                       "embedding followed by a learnable position embedding, the linear solve a dense first "
                       "layer with a bias")
-    fit = applicability(method_for(layer), layer, trainable(variant.model)[0], 1)
-    return (fit.method, fit.reason) if fit.applies else (None, fit.reason)
+    return (found.method, found.reason) if found.applies else (None, found.reason)
 
 
 def _budget_size(b: Budget, input_size: int) -> int:

@@ -148,17 +148,28 @@ def check_closed_form(cfg: RunConfig, variant, batch):
     a = cfg.attack
     if not (a.closed_form or a.init == "closed_form"):
         return None
-    from suite.attack.closed_form import applicability, method_for
-    from suite.attack.first_layer import find_first_layer
-    from suite.threat.client import trainable
+    from suite.attack.closed_form import fit
 
-    layer = find_first_layer(variant.model, batch.size, variant.to_normalized, cfg.threat.bn_mode)
-    method = a.method if a.closed_form else method_for(layer)
-    names = trainable(variant.model)[0]
-    verdict = applicability(method, layer, names, len(batch) if a.closed_form else 1)
+    # a closed-form start reads the structure only: any batch size (its images mix)
+    verdict = fit(variant, batch.size, cfg.threat.bn_mode, a.method if a.closed_form else None,
+                  len(batch) if a.closed_form else 1)
     if not verdict.applies:
         raise verdict.refusal()
     return verdict
+
+
+def attacker_for(cfg: RunConfig, variant, obs, device, closed_form=None):
+    """The attacker ``cfg.attack`` names: the closed-form solve or the optimization engine.
+    ``closed_form``: the Applicability ``check_closed_form`` returned, whose probed first layer
+    the closed form reuses instead of probing the sent model again."""
+    if cfg.attack.closed_form:
+        from suite.attack.closed_form import ClosedFormAttacker
+
+        return ClosedFormAttacker(variant, obs, cfg.attack, device=device, seed=cfg.seed,
+                                  layer=None if closed_form is None else closed_form.layer)
+    from suite.attack.attacker import Attacker
+
+    return Attacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
 
 
 def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
@@ -188,23 +199,17 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     of ``run_setting``, also used where the update came from elsewhere (``suite.federation``: the
     update a Flower server received). ``prepared.batch`` is the ground truth, used only to score
     after the attack and to build oracle starts (``prepared.inits``); the attacker sees ``obs``."""
-    from suite.attack.attacker import Attacker
     from suite.scoring.metrics import psnr_per_sample, score, wsrr
 
     out_dir = Path(out_dir)
     t0 = prepared.started
     device, variant, batch, calibrated_on = prepared.device, prepared.variant, prepared.batch, prepared.calibrated_on
     variant.model.to(device)
-    if cfg.attack.closed_form:
-        from suite.attack.closed_form import ClosedFormAttacker
-
-        attacker = ClosedFormAttacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
-    else:
-        attacker = Attacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
+    attacker = attacker_for(cfg, variant, obs, device, prepared.closed_form)
     inits = prepared.inits
     start_residual = None
     if cfg.attack.init == "closed_form":
-        inits, start_residual = closed_form_inits(cfg, variant, obs)
+        inits, start_residual = closed_form_inits(cfg, variant, obs, prepared.closed_form)
 
     bar = _progress(cfg, progress)
 
@@ -221,7 +226,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
             bar.set_postfix(loss=f"{record['matching_loss']:.4f}", psnr=f"{extra['psnr']:.1f}")
         return extra
 
-    recon = attacker.reconstruct() if cfg.attack.closed_form else attacker.reconstruct(inits, callback=callback)
+    recon = attacker.reconstruct(inits, callback=callback)
     if bar is not None:
         bar.close()
     thr = dict(leak_psnr=cfg.leak_psnr, leak_lpips=cfg.leak_lpips)
@@ -247,10 +252,9 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     if recon.init is not None:
         init_scores = score(batch.images, recon.init, content=batch.content, use_lpips=False, **thr)
         metrics["init_psnr"] = init_scores.summary()["psnr"]
-    if recon.residual is not None:
-        metrics["closed_form_residual"] = recon.residual
-        metrics["closed_form_rank"] = attacker.solution.rank
-        metrics["closed_form_unknowns"] = attacker.solution.unknowns
+    solution = getattr(attacker, "solution", None)  # a closed form's solve
+    if solution is not None:
+        metrics.update(solution.metrics())
     if start_residual is not None:
         metrics["start_residual"] = start_residual
     if control_scores is not None:
@@ -282,7 +286,6 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
         tags["calibrated_on"] = calibrated_on
     if prepared.closed_form is not None:
         tags["closed_form"] = f"{prepared.closed_form.method} applies: {prepared.closed_form.reason}"
-        solution = getattr(attacker, "solution", None)
         if solution is not None and not solution.determined:
             tags["closed_form"] += (f"; underdetermined: the update has rank {solution.rank} for "
                                     f"{solution.unknowns} unknown patches, so the solve returned the "
@@ -307,14 +310,14 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     return result
 
 
-def closed_form_inits(cfg: RunConfig, variant, obs) -> tuple[list[torch.Tensor], float]:
+def closed_form_inits(cfg: RunConfig, variant, obs, closed_form=None) -> tuple[list[torch.Tensor], float]:
     """``init=closed_form``: every restart starts from the closed-form estimate read off the update
     (each image of the batch gets the same estimate, a mixture when the batch has several), with
     seeded noise of 0.05 on restarts after the first so that they differ. Returns the starts and the
-    estimate's residual."""
+    estimate's residual. ``closed_form``: ``check_closed_form``'s Applicability (its probed layer)."""
     from suite.attack.closed_form import estimate
 
-    pixels, solution, _ = estimate(variant, obs)
+    pixels, solution, _ = estimate(variant, obs, layer=None if closed_form is None else closed_form.layer)
     residual = solution.residual
     start = pixels.clamp(0, 1).expand(obs.batch_size, -1, -1, -1).clone()
     gen = torch.Generator().manual_seed(cfg.seed + 23)

@@ -18,30 +18,22 @@ def attack_blind(cfg, variant, obs, *, device: torch.device, out_dir: Path, trac
     """Reconstruct from ``obs`` under ``cfg.attack``; write ``reconstruction.png``,
     ``reconstruction.pt`` and ``metrics.json`` to ``out_dir`` and, with ``tracking`` (a
     ``SettingRun``), log the metrics, the grants and the files. Returns the metrics."""
+    from suite.execution.runner import attacker_for
     from suite.reports.images import save_png
 
     t0 = time.perf_counter()
     variant.model.to(device)
-    if cfg.attack.closed_form:
-        from suite.attack.closed_form import ClosedFormAttacker
-
-        attacker = ClosedFormAttacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
-        recon = attacker.reconstruct()
-    else:
-        from suite.attack.attacker import Attacker
-
-        attacker = Attacker(variant, obs, cfg.attack, device=device, seed=cfg.seed)
-        callback = None
-        if tracking is not None:
-            def callback(step, record, x):
-                tracking.log_step(step, record)
-        recon = attacker.reconstruct(None, callback=callback)
+    attacker = attacker_for(cfg, variant, obs, device)
+    callback = None
+    if tracking is not None:
+        def callback(step, record, x):
+            tracking.log_step(step, record)
+    recon = attacker.reconstruct(None, callback=callback)
     metrics = {"matching_loss": recon.matching_loss, "restarts_diverged": recon.restarts_diverged,
                "seconds": time.perf_counter() - t0}
-    if recon.residual is not None:
-        metrics["closed_form_residual"] = recon.residual
-        metrics["closed_form_rank"] = attacker.solution.rank
-        metrics["closed_form_unknowns"] = attacker.solution.unknowns
+    solution = getattr(attacker, "solution", None)  # a closed form's solve
+    if solution is not None:
+        metrics.update(solution.metrics())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [save_png(recon.images, out_dir / "reconstruction.png")]

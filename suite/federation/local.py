@@ -93,6 +93,13 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def _wait(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass  # the next step of close() escalates (SIGKILL) or gives up on it
+
+
 class LocalDeployment:
     """Context manager: SuperLink + ``supernodes`` SuperNodes on loopback; ``run`` calls ``flwr run``.
 
@@ -159,10 +166,7 @@ class LocalDeployment:
         for pid in pids:
             _signal(pid, signal.SIGTERM)
         for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            _wait(proc, 10)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
             time.sleep(0.1)
@@ -170,10 +174,7 @@ class LocalDeployment:
             if _alive(pid):
                 _signal(pid, signal.SIGKILL)
         for proc in self.procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+            _wait(proc, 5)
             proc.log_file.close()
         self.procs.clear()
         if self._tmp:

@@ -67,10 +67,11 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
             raise GistressError(f"threat.frozen pattern '{pattern}' matches no parameter of the model",
                                 f"parameter names look like {', '.join(names[:3])}, ... (fnmatch patterns, "
                                 "e.g. '*pos_embed')")
-    frozen = [n for n, p in model.named_parameters() if any(fnmatchcase(n, pat) for pat in patterns)]
+    frozen = []
     for n, p in model.named_parameters():
-        if n in frozen:
+        if any(fnmatchcase(n, pat) for pat in patterns):
             p.requires_grad_(False)
+            frozen.append(n)
     return frozen
 
 
