@@ -138,6 +138,26 @@ class AttackSpec(BaseModel):
         return self.init == "file"
 
 
+class LeakThresholds(BaseModel):
+    """The leak decision's thresholds (``suite.scoring.leak_rule``; calibrated on the gallery in
+    tests/data/leak_gallery, docs/audit.md). ``--set leak.gain_db=3`` changes one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gain_db: float = Field(2.5, gt=0)          # content gain over the colour-only estimate, dB
+    over_control_db: float = Field(1.5, ge=0)  # ... and over the prior-only control's, where one ran
+    lpips: float = Field(0.1, ge=0)            # or LPIPS at most this, where its backbone is installed
+    max_shift: int = Field(2, ge=0)            # misalignment (px) the content gain forgives
+
+
+RETIRED_KEYS = {
+    key: f"{key} belongs to the retired PSNR leak rule; set {new} instead (the leak rule is content "
+         "gain over colour-only estimates, docs/audit.md)"
+    for key, new in (("leak_psnr", "leak.gain_db"), ("leak_lpips", "leak.lpips"))
+}
+"""Keys the config no longer has, each with the one-line message that names its replacement."""
+
+
 class RunConfig(BaseModel):
     """One fully resolved setting: what to build, what data, which threat model, which attack."""
 
@@ -155,8 +175,16 @@ class RunConfig(BaseModel):
     device: str = "auto"
     threat: ThreatModel = Field(default_factory=ThreatModel)
     attack: AttackSpec = Field(default_factory=AttackSpec)
-    leak_psnr: float = 18.0
-    leak_lpips: float = 0.1
+    leak: LeakThresholds = Field(default_factory=LeakThresholds)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data):
+        if isinstance(data, dict):
+            for key, message in RETIRED_KEYS.items():
+                if key in data:
+                    raise ValueError(message)
+        return data
 
     def config_hash(self) -> str:
         """A stable hash of the resolved config (resume key). Keys added after settings were first

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from suite.config import RunConfig
+from suite.config import RETIRED_KEYS, RunConfig
 from suite.errors import GistressError, close_matches
 
 
@@ -46,6 +46,8 @@ def check_key(dotted: str, where: str, *, extra: Sequence[str] = ()) -> None:
     """Raise a GistressError naming the nearest valid key when ``dotted`` is not a RunConfig key."""
     if dotted in extra:
         return
+    if dotted in RETIRED_KEYS:
+        raise GistressError(RETIRED_KEYS[dotted], f"remove {dotted} from {where}")
     node: Any = RUN_KEYS
     parts = dotted.split(".")
     for i, part in enumerate(parts):

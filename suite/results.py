@@ -14,7 +14,8 @@ class Scores:
     """Per-sample scores of a reconstruction against its target (after Hungarian matching).
 
     ``lpips`` is None when the LPIPS backbone is unavailable; ``lpips_missing`` then says why
-    and which file to place. ``leaked`` uses PSNR alone in that case (``leak_rule`` says so).
+    and which file to place. ``leaked`` is the leak decision per sample
+    (``suite.scoring.leak_rule``), named in words by ``leak_rule``.
     ``order[i]`` is the reconstruction index matched to target i.
     """
 
@@ -23,11 +24,13 @@ class Scores:
     lpips: list[float] | None
     leaked: list[bool]
     order: list[int]
-    leak_rule: str = "psnr>=18 and lpips<=0.1"
+    leak_rule: str = "content gain>=2.5 dB (+-2 px); lpips missing (stricter)"
     lpips_missing: str | None = None
-    # PSNR after the least-squares gain and offset per colour channel (a diagnostic, not in the
-    # leak rule): high where the content leaked but the contrast did not (docs/findings.md, Fig. 4)
+    # PSNR after the least-squares gain and offset per colour channel: high where the content
+    # leaked but the contrast did not (docs/findings.md, Fig. 4)
     psnr_affine: list[float] | None = None
+    # psnr_affine over the colour-only estimate's PSNR, best of +-2 px shifts: what the leak rule reads
+    content_gain: list[float] | None = None
 
     @property
     def brr(self) -> float:
@@ -36,6 +39,7 @@ class Scores:
 
     @property
     def any_leaked(self) -> bool:
+        """Whether any sample leaked: the batch-level verdict every output reads (metric ``leaked``)."""
         return any(self.leaked)
 
     def summary(self, prefix: str = "") -> dict[str, float]:
@@ -44,11 +48,14 @@ class Scores:
             f"{prefix}psnr": sum(self.psnr) / len(self.psnr),
             f"{prefix}ssim": sum(self.ssim) / len(self.ssim),
             f"{prefix}brr": self.brr,
+            f"{prefix}leaked": float(self.any_leaked),
         }
         if self.lpips is not None:
             out[f"{prefix}lpips"] = sum(self.lpips) / len(self.lpips)
         if self.psnr_affine is not None:
             out[f"{prefix}psnr_affine"] = sum(self.psnr_affine) / len(self.psnr_affine)
+        if self.content_gain is not None:
+            out[f"{prefix}content_gain"] = sum(self.content_gain) / len(self.content_gain)
         return out
 
 

@@ -13,6 +13,7 @@ import suite.audit as audit
 from suite.cli.main import main
 from suite.config import RunConfig
 from suite.data.batch import Batch
+from suite.execution.runner import leak_rule
 from suite.results import Reconstruction, RunResult, Scores
 from suite.scoring.metrics import score
 
@@ -159,12 +160,16 @@ def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, store, ca
 # ---------------------------------------------------------------------------------------------
 
 
-def _scored(psnr: float, cfg: RunConfig) -> Scores:
-    """The suite's own scores (its leak rule, the config's thresholds) of a reconstruction made
-    to sit ``psnr`` dB from a black target: a uniform error of 10^(-psnr/20)."""
-    target = torch.zeros(1, 3, 8, 8)
-    recon = torch.full_like(target, 10 ** (-psnr / 20))
-    return score(target, recon, leak_psnr=cfg.leak_psnr, leak_lpips=cfg.leak_lpips, use_lpips=False)
+def _scored(psnr: float, cfg: RunConfig, control: Scores | None = None) -> Scores:
+    """The suite's own scores (its leak rule, the config's thresholds, over ``control`` when given)
+    of a reconstruction made to sit ``psnr`` dB from a textured target (std 0.1, so its mean colour
+    is at 20 dB): the target plus an error of exactly +-10^(-psnr/20) per pixel. The rule then
+    calls 25 dB over a 22 dB control a leak and 12 dB none (content gain 6.2 vs 0.6 dB)."""
+    g = torch.Generator().manual_seed(0)
+    target = 0.5 + 0.1 * 3 ** 0.5 * (2 * torch.rand(1, 3, 8, 8, generator=g) - 1)
+    sign = torch.randint(0, 2, target.shape, generator=g).float() * 2 - 1
+    recon = target + sign * 10 ** (-psnr / 20)
+    return score(target, recon, rule=leak_rule(cfg), control=control, use_lpips=False)
 
 
 def _fake_runner(psnr_by_level: dict[str, float], fail: str | None = None, interrupt: str | None = None):
@@ -195,7 +200,8 @@ def _fake_runner(psnr_by_level: dict[str, float], fail: str | None = None, inter
         on_step(0, {"matching_loss": 0.5, "psnr": 10.0})
         x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         p = psnr_by_level.get(key, 10.0)
-        sc, ctrl = _scored(p, cfg), _scored(p - 3, cfg)  # leaked or not: the suite's leak rule decides
+        ctrl = _scored(p - 3, cfg)
+        sc = _scored(p, cfg, control=ctrl)  # leaked or not: the suite's leak rule decides
         rec = Reconstruction(images=x, matching_loss=0.1, restart_images=[x] * cfg.attack.restarts,
                              restart_losses=[0.1] * cfg.attack.restarts, chosen=0, init=x)
         return RunResult(config=cfg, target=Batch(images=x, labels=torch.tensor([0]), ids=cfg.images),

@@ -13,11 +13,13 @@ import typing
 
 import pytest
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from suite.cli import flags as flag_table
 from suite.cli.commands import attack as attack_cmd
 from suite.cli.commands import audit as audit_cmd
 from suite.cli.main import build_parser, main
+from suite.config import RunConfig
 from suite.errors import GistressError
 from suite.keys import check_key, flatten, nest, parse_assignments
 
@@ -134,8 +136,9 @@ def test_set_is_applied_after_the_flags():
                                               "--set", "attack={tv: 0.5, restarts: 3}"))
     assert (later.attack.tv, later.attack.restarts) == (0.5, 3)
     # --set reaches keys no flag has
-    assert attack_cmd.config_from_args(_args("attack", "--variant", "lenet", "--set", "attack.signed=false",
-                                             "--set", "leak_psnr=20")).attack.signed is False
+    reached = attack_cmd.config_from_args(_args("attack", "--variant", "lenet", "--set", "attack.signed=false",
+                                                "--set", "leak.gain_db=3"))
+    assert reached.attack.signed is False and reached.leak.gain_db == 3
 
 
 def test_attack_set_ends_up_in_the_run_config_and_mlflow_params(tmp_path, monkeypatch, capsys):
@@ -161,6 +164,16 @@ def test_misspelt_set_key_is_one_line_exit_2_and_writes_nothing(workdir, capsys,
     assert rc == 2
     assert "unknown key 'attack.restrats' in --set (did you mean 'attack.restarts'?)" in line
     assert not any(workdir.iterdir())  # no output folder, no MLflow store
+
+
+def test_the_retired_psnr_leak_keys_are_refused_with_their_replacement(workdir, capsys):
+    rc = main(["attack", "--variant", "lenet", "--iterations", "2", "--set", "leak_psnr=20", "--out", "out"])
+    line = _one_line_error(capsys)
+    assert rc == 2
+    assert "leak_psnr belongs to the retired PSNR leak rule; set leak.gain_db" in line
+    assert not any(workdir.iterdir())
+    with pytest.raises(ValidationError, match="leak_lpips belongs to the retired PSNR leak rule; set leak.lpips"):
+        RunConfig(variant="lenet", leak_lpips=0.2)  # a study spec's base or grid
 
 
 # ---------------------------------------------------------------------------------------------

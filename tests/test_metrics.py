@@ -12,6 +12,7 @@ import torch
 from suite.errors import GistressError
 from suite.results import Scores
 from suite.scoring import metrics
+from suite.scoring.leak_rule import LeakRule
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1
 
@@ -176,34 +177,80 @@ def test_tiny_content_region_scores():
 # --------------------------------------------------------------------------- leak rule, BRR, WSRR
 
 
-def test_leak_rule_psnr_only_thresholds():
+def _content_gain_by_hand(recon: torch.Tensor, target: torch.Tensor) -> float:
+    """Content gain without shifts, by numpy least squares: psnr of the per-channel affine fit
+    minus psnr of the per-channel mean colour (an independent computation of the rule's input)."""
+    import numpy as np
+
+    r, t = recon[0].double().numpy().reshape(3, -1), target[0].double().numpy().reshape(3, -1)
+    fit_err, mean_err = 0.0, 0.0
+    for c in range(3):
+        a = np.stack([r[c], np.ones_like(r[c])], 1)
+        coef, *_ = np.linalg.lstsq(a, t[c], rcond=None)
+        fit_err += ((np.clip(a @ coef, 0, 1) - t[c]) ** 2).mean() / 3
+        mean_err += ((t[c] - t[c].mean()) ** 2).mean() / 3
+    return 10 * math.log10(mean_err / fit_err)
+
+
+def test_content_gain_matches_a_hand_computation_and_sets_the_threshold():
     x = 0.2 + 0.6 * _images(b=1)
-    recon = x + _pm_noise(x.shape, 0.05)  # PSNR = 26.02 dB
-    psnr = 10 * math.log10(1 / 0.05**2)
-    at = metrics.score(x, recon, leak_psnr=psnr - 0.005, use_lpips=False)
-    above = metrics.score(x, recon, leak_psnr=psnr + 0.005, use_lpips=False)
+    recon = x + _pm_noise(x.shape, 0.05)
+    expected = _content_gain_by_hand(recon, x)
+    assert expected > 5
+    s = metrics.score(x, recon, rule=LeakRule(max_shift=0), use_lpips=False)
+    assert s.content_gain[0] == pytest.approx(expected, abs=0.05)
+    at = metrics.score(x, recon, rule=LeakRule(gain_db=expected - 0.1, max_shift=0), use_lpips=False)
+    above = metrics.score(x, recon, rule=LeakRule(gain_db=expected + 0.1, max_shift=0), use_lpips=False)
     assert at.leaked == [True] and above.leaked == [False]
-    assert at.lpips is None
-    assert at.leak_rule.startswith("psnr>=") and "lpips" in at.leak_rule
-    assert at.lpips_missing  # says why, never silent
-    assert "lpips" not in at.summary()
+    assert at.lpips is None and at.lpips_missing  # says why, never silent
+    assert at.leak_rule.startswith("content gain>=") and "lpips" in at.leak_rule
+    assert "lpips" not in at.summary() and at.summary()["leaked"] == 1.0 and above.summary()["leaked"] == 0.0
 
 
-def test_leak_rule_needs_both_psnr_and_lpips(monkeypatch):
-    x = _images(b=4)
-    recon = x.clone()
-    recon[2:] = x[2:] + _pm_noise(x[2:].shape, 0.3)  # samples 2, 3: low PSNR
-    # Per sample: (high PSNR, LPIPS low), (high, LPIPS high), (low, low), (low, high)
-    fake = _FixedLpips([0.05, 0.5, 0.05, 0.5])
-    monkeypatch.setattr(metrics, "_load_lpips", lambda: (fake, None))
-    s = metrics.score(x, recon, leak_psnr=18.0, leak_lpips=0.1)
-    assert s.order == [0, 1, 2, 3]
-    assert s.psnr[0] > 18 and s.psnr[2] < 18
-    assert s.lpips == pytest.approx([0.05, 0.5, 0.05, 0.5])
-    assert s.leaked == [True, False, False, False]
-    assert s.leak_rule == "psnr>=18 and lpips<=0.1"
-    assert s.lpips_missing is None
-    assert s.brr == 0.25
+def test_content_gain_is_blind_to_levels_and_to_colour_only_estimates():
+    """A washed-out negative of the target is content; its mean colour and a shuffled copy
+    (the same colours, no layout) are not, although the mean colour has the higher raw PSNR."""
+    x = 0.2 + 0.6 * _images(b=1, h=24, w=24, seed=3)
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # some spatial structure
+    washed_negative = 0.9 - 0.3 * x
+    mean = x.mean((2, 3), keepdim=True).expand_as(x).clone()
+    shuffled = x.flatten(2)[..., torch.randperm(24 * 24, generator=torch.Generator().manual_seed(0))].reshape(x.shape)
+    s = metrics.score(torch.cat([x] * 3), torch.cat([washed_negative, mean, shuffled]), use_lpips=False)
+    assert s.order == [0, 1, 2] or sorted(s.order) == [0, 1, 2]
+    gains = dict(zip(s.order, s.content_gain))
+    assert gains[0] > 40 and gains[1] < 0.5 and gains[2] < 1.0
+    assert s.psnr[s.order.index(1)] > s.psnr[s.order.index(0)]  # raw PSNR prefers the colour-only image
+
+
+def test_a_leak_needs_a_gain_over_the_prior_only_control():
+    x = _images(b=2, seed=4)
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    recon = x + _pm_noise(x.shape, 0.03)
+    mean = x.mean((2, 3), keepdim=True).expand_as(x).clone()
+    control_blank = metrics.score(x, mean, use_lpips=False)
+    control_same = metrics.score(x, x + _pm_noise(x.shape, 0.03), use_lpips=False)
+    assert control_same.leaked == [True, True]  # a target-derived control would itself "leak"
+    assert metrics.score(x, recon, control=control_blank, use_lpips=False).leaked == [True, True]
+    over_same = metrics.score(x, recon, control=control_same, use_lpips=False)
+    assert over_same.leaked == [False, False]  # the gradient added nothing the start did not have
+    assert "over the control" in over_same.leak_rule
+    with pytest.raises(GistressError, match="control has 2 scored samples for 1 targets"):
+        metrics.score(x[:1], recon[:1], control=control_blank, use_lpips=False)
+
+
+def test_lpips_is_an_or_so_the_offline_rule_is_stricter(monkeypatch):
+    x = torch.nn.functional.avg_pool2d(_images(b=3, seed=6), 3, 1, 1)
+    mean = x.mean((2, 3), keepdim=True).expand_as(x).clone()
+    recon = torch.cat([x[:1] + _pm_noise(x[:1].shape, 0.03), mean[1:]])
+    # Per sample: (content, LPIPS high), (no content, LPIPS low), (no content, LPIPS high)
+    monkeypatch.setattr(metrics, "_load_lpips", lambda: (_FixedLpips([0.5, 0.05, 0.5]), None))
+    online = metrics.score(x, recon)
+    assert online.order == [0, 1, 2]
+    assert online.leaked == [True, True, False]
+    assert online.leak_rule.endswith("or lpips<=0.1") and online.lpips_missing is None
+    offline = metrics.score(x, recon, use_lpips=False)
+    assert offline.leaked == [True, False, False]
+    assert all(on or not off for on, off in zip(online.leaked, offline.leaked))
 
 
 def _run(*leaked):
@@ -237,7 +284,7 @@ def test_lpips_offline_missing_then_stand_in(torch_home, no_network):
     assert s.lpips is None
     assert expected in s.lpips_missing and "\n" not in s.lpips_missing
     assert "download.pytorch.org" in s.lpips_missing
-    assert s.leak_rule == "psnr>=18 (lpips missing)"
+    assert "lpips missing" in s.leak_rule and s.leak_rule.startswith("content gain>=")
     assert s.leaked == [True, True]
     assert metrics.lpips_status() == (False, s.lpips_missing)
     assert not os.path.exists(expected)
@@ -253,7 +300,7 @@ def test_lpips_offline_missing_then_stand_in(torch_home, no_network):
     same = metrics.score(x, x.clone())
     assert same.lpips_missing is None
     assert same.lpips == pytest.approx([0.0, 0.0], abs=1e-6)
-    assert same.leak_rule == "psnr>=18 and lpips<=0.1"
+    assert same.leak_rule.endswith("or lpips<=0.1")
     assert "lpips" in same.summary()
     diff = metrics.score(x, _images(b=2, seed=5))
     assert all(v > 0 for v in diff.lpips)
@@ -271,7 +318,7 @@ def test_use_lpips_false_never_loads(monkeypatch):
     monkeypatch.setattr(metrics, "_load_lpips", boom)
     s = metrics.score(_images(b=1), _images(b=1), use_lpips=False)
     assert s.lpips is None and "disabled" in s.lpips_missing
-    assert s.leak_rule == "psnr>=18 (lpips disabled)"
+    assert "lpips missing" in s.leak_rule
 
 
 def test_psnr_affine_sees_a_contrast_lost_copy_and_not_noise():
@@ -288,5 +335,5 @@ def test_psnr_affine_sees_a_contrast_lost_copy_and_not_noise():
                               use_lpips=False).psnr[0]
     noisy = metrics.score(target, noise, use_lpips=False)
     assert noisy.psnr_affine[0] < mean_only + 0.5 and noisy.psnr_affine[0] < 15
-    assert not sc.leaked[0]  # the diagnostic does not change the papers' leak rule
+    assert sc.leaked[0] and not noisy.leaked[0]  # a person sees the washed-out astronaut, not the noise
     assert "psnr_affine" in sc.summary() and sc.summary()["psnr_affine"] == pytest.approx(sc.psnr_affine[0])

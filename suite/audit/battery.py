@@ -31,7 +31,8 @@ Client batches: each audited image is attacked as its own client batch of 1, the
 favourable to the attacker and the usual audit choice. Per level, BRR is the fraction of images
 whose reconstruction (the restart the attacker picks by matching loss) leaked, and WSRR is the
 fraction of all independent attack attempts (image x restart) in which the image leaked. A sample
-leaked if PSNR >= 18 dB and LPIPS <= 0.1 (PSNR alone when the LPIPS backbone is missing).
+leaked by the suite's one leak decision (``suite.scoring.leak_rule``): a content gain over the
+colour-only estimate, and over the prior-only control, or a low LPIPS where its backbone is installed.
 """
 
 

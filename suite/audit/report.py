@@ -60,6 +60,16 @@ def write_report(result: AuditOutcome) -> dict[str, Path]:
     return files
 
 
+def _rule_in_words(result: AuditOutcome) -> str:
+    """The leak rule as the levels applied it (their ``leak_rule``), or as the config sets it."""
+    used = next((o.leak_rule for o in result.outcomes if o.leak_rule), None)
+    if used:
+        return used
+    from suite.scoring.leak_rule import LeakRule
+
+    return LeakRule(**result.plan.base.leak.model_dump()).describe(lpips_available=True, control=True)
+
+
 def _meta(result: AuditOutcome) -> dict:
     plan, base = result.plan, result.plan.base
     return {
@@ -67,7 +77,7 @@ def _meta(result: AuditOutcome) -> dict:
         "data": base.data, "images": plan.images, "size": plan.size, "seed": base.seed, "device": base.device,
         "task": plan.task, "has_batchnorm": plan.has_bn, "budget": plan.budget.name,
         "budget_description": plan.budget.describe(), "iterations_override": plan.iterations_override,
-        "leak_rule": {"psnr_db_at_least": base.leak_psnr, "lpips_at_most": base.leak_lpips,
+        "leak_rule": {"rule": _rule_in_words(result), **base.leak.model_dump(),
                       "lpips_missing": next((o.lpips_missing for o in result.outcomes if o.lpips_missing), None)},
         "client_batches": "each image attacked as its own client batch of 1",
         "battery": plan.battery_lines(), "notes": plan.notes,
@@ -103,8 +113,10 @@ def report_blocks(result: AuditOutcome, rows: list[dict]) -> list[tuple]:
               "gives away."),
         ("h2", "How it was run"),
         ("ul", [
-            f"Leak rule: a sample leaked if PSNR >= {base.leak_psnr:g} dB and LPIPS <= {base.leak_lpips:g}"
-            + (f"; LPIPS is missing here ({missing}), so PSNR alone decided" if missing else "") + ".",
+            f"Leak rule (suite.scoring.leak_rule, calibrated on a labelled gallery: docs/audit.md): "
+            f"{_rule_in_words(result)}"
+            + (f"; LPIPS is missing here ({missing}), so content gain alone decided (the stricter rule)"
+               if missing else "") + ".",
             "Client batches: each image is attacked as its own client batch of 1, the setting most "
             "favourable to the attacker (larger batches are harder to invert).",
             f"Budget: {plan.budget.describe()}.",

@@ -106,7 +106,7 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
         params={"variant": base.variant, "weights": base.weights, "data": base.data, "images": ",".join(plan.images),
                 "size": plan.size, "seed": base.seed, "device": base.device, "audit_level": plan.budget.name,
                 "iterations_override": plan.iterations_override or "none", "client_batch_size": 1,
-                "leak_psnr": base.leak_psnr, "leak_lpips": base.leak_lpips,
+                **{f"leak.{k}": v for k, v in base.leak.model_dump().items()},
                 **{f"variant.{k}": v for k, v in base.variant_options.items()}})
     result.parent_run_id = parent_id
     print(f"audit of {plan.base.variant} ({plan.budget.name}): {len(plan.levels)} threat level(s) on "

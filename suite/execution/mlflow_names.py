@@ -19,7 +19,7 @@ from suite.errors import GistressError
 METRIC_NAMES = {
     "psnr": "score/psnr", "ssim": "score/ssim", "lpips": "score/lpips", "brr": "score/brr",
     "wsrr": "score/wsrr", "label_accuracy": "score/label_accuracy", "init_psnr": "score/init_psnr",
-    "psnr_affine": "score/psnr_affine",
+    "psnr_affine": "score/psnr_affine", "content_gain": "score/content_gain", "leaked": "score/leaked",
     "oracle_best_restart_psnr": "oracle/best_restart_psnr",
     "matching_loss": "loss/matching", "total": "loss/total", "tv": "loss/tv", "bn_prior": "loss/bn_prior",
     "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds",

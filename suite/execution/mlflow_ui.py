@@ -27,7 +27,8 @@ VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY
 VIEW_TIME_TAG = "gistress.view_updated"  # ms since the epoch: `gistress ui` opens the newest view
 ML_MODE = "workflowType=machine_learning"
 # Columns of the saved view, in order: MLflow names (see suite.execution.mlflow_names.METRIC_NAMES).
-VIEW_METRICS = ("score/psnr", "control/psnr", "gain/psnr", "score/ssim", "score/lpips", "score/brr")
+VIEW_METRICS = ("score/psnr", "control/psnr", "gain/psnr", "score/content_gain", "score/leaked", "score/ssim", "score/lpips",
+                "score/brr")
 CHART_MODE = "compareRunsMode=CHART"  # the runs page's chart view instead of its table
 # The chart view's first section, in order: (MLflow metric, drawn as a curve over steps). A metric
 # logged only at step 0 is drawn as bars across runs (suite.execution.tracking).
@@ -187,7 +188,7 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     records = summary_records(rows)
     if not records:
         return {}
-    first = ["psnr", "control_psnr", "gain_psnr", "leaked", "ssim", "lpips", "brr"]
+    first = ["psnr", "control_psnr", "gain_psnr", "content_gain", "leaked", "ssim", "lpips", "brr"]
     columns = {"setting": [str(r.get("name", "")) for r in rows]}
     for key in first + [k for k in records[0] if k not in first]:
         columns[key.replace(".", "_")] = [rec[key] for rec in records]
@@ -237,8 +238,12 @@ def describe_result(cfg, metrics: Mapping[str, Any], tags: Mapping[str, Any]) ->
     if "ssim" in m:
         line += f"; SSIM {float(m['ssim']):.3f}"
     line += f"; LPIPS {float(m['lpips']):.3f}" if "lpips" in m else "; LPIPS missing"
-    if "brr" in m:
-        line += f"; leaked: {'yes' if m['brr'] > 0 else 'no'} (rule: {tags.get('leak_rule', 'see the leak_rule tag')})"
+    if "content_gain" in m:
+        line += f"; content gain {_db(m['content_gain'])}"
+        if "control_content_gain" in m:
+            line += f" (control {_db(m['control_content_gain'])})"
+    if "leaked" in m:
+        line += f"; leaked: {'yes' if m['leaked'] else 'no'} (rule: {tags.get('leak_rule', 'see the leak_rule tag')})"
     notes = []
     if cfg.threat.upper_bound:
         notes.append("an upper bound (the client is simplified in the attacker's favour)")

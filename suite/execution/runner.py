@@ -25,6 +25,13 @@ StepHook = Callable[[int, dict[str, float]], None]
 ImageHook = Callable[[str, int, torch.Tensor], None]
 
 
+def leak_rule(cfg: RunConfig):
+    """The leak decision a run's config asks for (``cfg.leak``'s thresholds)."""
+    from suite.scoring.leak_rule import LeakRule
+
+    return LeakRule(**cfg.leak.model_dump())
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when available, else CPU; an explicit CUDA request without one fails,
     and so does a device string torch does not know or a GPU index the machine lacks."""
@@ -229,10 +236,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     recon = attacker.reconstruct(inits, callback=callback)
     if bar is not None:
         bar.close()
-    thr = dict(leak_psnr=cfg.leak_psnr, leak_lpips=cfg.leak_lpips)
-    scores = score(batch.images, recon.images, content=batch.content, **thr)
-    restart_scores = [score(batch.images, im, content=batch.content, **thr) for im in recon.restart_images]
-
+    rule = leak_rule(cfg)
     control = control_scores = None
     # a closed form has no prior to run alone: no prior-only control
     if (cfg.attack.control or cfg.attack.init == "noisy_target") and not cfg.attack.closed_form:
@@ -242,15 +246,19 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
 
         control = attacker.reconstruct(inits, control=True,
                                        callback=control_callback if on_images is not None else None)
-        control_scores = score(batch.images, control.images, content=batch.content, **thr)
+        control_scores = score(batch.images, control.images, content=batch.content, rule=rule)
         control.matching_loss = attacker.matching_loss(control.images.to(device))
+    # the leak decision asks for a gain over the control where one ran (suite.scoring.leak_rule)
+    scores = score(batch.images, recon.images, content=batch.content, rule=rule, control=control_scores)
+    restart_scores = [score(batch.images, im, content=batch.content, rule=rule, control=control_scores)
+                      for im in recon.restart_images]
 
     metrics = dict(scores.summary())
     metrics["wsrr"] = wsrr(restart_scores)
     metrics["matching_loss"] = recon.matching_loss
     metrics["oracle_best_restart_psnr"] = max(s.summary()["psnr"] for s in restart_scores)
     if recon.init is not None:
-        init_scores = score(batch.images, recon.init, content=batch.content, use_lpips=False, **thr)
+        init_scores = score(batch.images, recon.init, content=batch.content, use_lpips=False, rule=rule)
         metrics["init_psnr"] = init_scores.summary()["psnr"]
     solution = getattr(attacker, "solution", None)  # a closed form's solve
     if solution is not None:
@@ -261,6 +269,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
         metrics.update(control_scores.summary(prefix="control_"))
         metrics["control_matching_loss"] = control.matching_loss
         metrics["gain_psnr"] = metrics["psnr"] - metrics["control_psnr"]
+        metrics["gain_content"] = metrics["content_gain"] - metrics["control_content_gain"]
         metrics["gain_ssim"] = metrics["ssim"] - metrics["control_ssim"]
         if "lpips" in metrics and "control_lpips" in metrics:
             metrics["gain_lpips"] = metrics["control_lpips"] - metrics["lpips"]  # lower LPIPS is better

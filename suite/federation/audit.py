@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from suite.config import AttackSpec, RunConfig
+from suite.config import AttackSpec, LeakThresholds, RunConfig
 from suite.threat.client import Observation
 
 GroundTruth = Callable[[int, int], object]  # (server round, node id) -> Batch or None
@@ -50,7 +50,7 @@ class FederationAudit:
                  experiment: str = "gistress-flower", tracking_uri: str | None = None,
                  out_dir: str | Path | None = None, rounds: Iterable[int] | None = None,
                  clients_per_round: int = 1, ground_truth: GroundTruth | None = None,
-                 leak_psnr: float = 18.0, device: str = "cpu", mlflow: bool = True, threads: int | None = None):
+                 leak: LeakThresholds | None = None, device: str = "cpu", mlflow: bool = True, threads: int | None = None):
         if attack.oracle_init:
             from suite.errors import GistressError
 
@@ -65,7 +65,7 @@ class FederationAudit:
         self.rounds = None if rounds is None else set(rounds)
         self.clients_per_round = clients_per_round
         self.ground_truth = ground_truth
-        self.leak_psnr = leak_psnr
+        self.leak = leak or LeakThresholds()
         self.device = device
         self.mlflow = mlflow
         self.threads = threads
@@ -105,7 +105,7 @@ class FederationAudit:
         """The run config that names this attack (what ``gistress attack`` logs as params)."""
         return RunConfig(variant=self.variant, variant_options=self.variant_options, data="flower",
                          images=[f"round{server_round}-node{node_id}"], size=obs.image_size[0],
-                         device=self.device, threat=obs.threat, attack=self.attack, leak_psnr=self.leak_psnr)
+                         device=self.device, threat=obs.threat, attack=self.attack, leak=self.leak)
 
     def _attack_one(self, server_round: int, node_id: int, obs: Observation) -> Attacked:
         if self.threads:
@@ -157,8 +157,8 @@ class FederationAudit:
             tr.log_result(result)
         print(f"gistress: {cfg.images[0]}: PSNR {result.metrics['psnr']:.2f} dB, "
               f"matching loss {result.metrics['matching_loss']:.3g}, "
-              f"{'leaked' if result.metrics.get('brr', 0) > 0 else 'no leak'} "
-              f"(threshold {cfg.leak_psnr} dB)", file=sys.stderr, flush=True)
+              f"{'leaked' if result.metrics['leaked'] else 'no leak'} "
+              f"(rule: {result.tags['leak_rule']})", file=sys.stderr, flush=True)
         return dict(result.metrics)
 
     def _variant(self):

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-SCORE_COLUMNS = ("psnr", "ssim", "lpips", "brr", "control_psnr", "gain_psnr")
+SCORE_COLUMNS = ("psnr", "ssim", "lpips", "content_gain", "brr", "control_psnr", "gain_psnr")
 PANELS = (("target", "target"), ("control", "control"), ("reconstruction", "reconstruction"))
 
 
@@ -52,7 +52,8 @@ def summary_records(rows: Sequence[dict], *, short_ids: bool = False) -> list[di
         rec["ssim"] = _fmt(m.get("ssim"), 3)
         rec["lpips"] = _fmt(m["lpips"], 3) if "lpips" in m else ("missing" if finished else "")
         rec["brr"] = _fmt(m.get("brr"), 2)
-        rec["leaked"] = ("yes" if m["brr"] > 0 else "no") if finished and "brr" in m else ""
+        rec["content_gain"] = _fmt(m.get("content_gain"), 2)
+        rec["leaked"] = ("yes" if m["leaked"] else "no") if finished and "leaked" in m else ""
         rec["control_psnr"] = _fmt(m.get("control_psnr"), 2)
         rec["gain_psnr"] = _fmt(m.get("gain_psnr"), 2, signed=True)
         rec["status"] = str(r.get("status", "")) + (" (earlier run)" if r.get("reused") else "")

@@ -1,4 +1,4 @@
-"""Reconstruction metrics: PSNR, SSIM and LPIPS per sample, leak indicators, BRR and WSRR.
+"""Reconstruction metrics: PSNR, SSIM, LPIPS and content gain per sample, leak flags, BRR and WSRR.
 
 Scoring compares a reconstruction with its target after matching them (Hungarian assignment on
 content-region MSE), inside each target's letterbox content region only.
@@ -11,8 +11,9 @@ Conventions:
   checkpoint, read from the torch hub cache. When that file is absent, LPIPS is *missing*:
   ``Scores.lpips`` is None and ``Scores.lpips_missing`` names the file to place. Nothing is ever
   downloaded and a missing LPIPS is never reported as 0.
-- ``psnr_affine``: PSNR after fitting one gain and one offset per colour channel to the target;
-  logged beside PSNR as a diagnostic for leaks exact up to contrast, not part of the leak rule.
+- ``psnr_affine``: PSNR after fitting one gain and one offset per colour channel to the target.
+- ``content_gain``: ``psnr_affine`` minus the PSNR of the target's per-channel mean colour, at the
+  best shift up to 2 px: what the leak decision reads (``suite.scoring.leak_rule``).
 - Content regions shorter than 32 px on a side are resized up (bilinear) for LPIPS only, because
   AlexNet's stride-4 stem and two max-pools need about 31 px of input.
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from suite.errors import GistressError
 from suite.results import Scores
+from suite.scoring.leak_rule import DEFAULT_RULE, LeakRule, content_gain
 
 PSNR_CAP = 100.0
 """PSNR reported for (near-)identical images, in dB; all PSNRs are capped here."""
@@ -234,19 +236,21 @@ def score(
     recon: torch.Tensor,
     *,
     content: torch.Tensor | None = None,
-    leak_psnr: float = 18.0,
-    leak_lpips: float = 0.1,
+    rule: LeakRule = DEFAULT_RULE,
+    control: Scores | None = None,
     use_lpips: bool = True,
 ) -> Scores:
-    """Score a reconstruction against its target batch, sample by sample.
+    """Score a reconstruction against its target batch, sample by sample, and decide each leak.
 
     Args:
         target: (B, C, H, W) target images in [0, 1].
         recon: (B, C, H, W) reconstruction; clamped to [0, 1] (NaN/inf mapped into range).
         content: (B, 4) int xyxy content region per target (letterbox content); target i and the
             reconstruction matched to it are compared inside target i's region only.
-        leak_psnr: a sample leaked if PSNR >= this (dB) ...
-        leak_lpips: ... and LPIPS <= this. Without LPIPS the PSNR test alone decides.
+        rule: the leak decision (``suite.scoring.leak_rule``): content gain, over the control's
+            where ``control`` is given, or LPIPS where its backbone is installed.
+        control: the prior-only control's Scores on the same targets; a sample then leaks only
+            if the reconstruction beats the control's content gain on that target.
         use_lpips: False skips LPIPS (it is then reported as missing, with the reason).
 
     Returns:
@@ -258,11 +262,15 @@ def score(
     b, _, h, w = target.shape
     regions = _regions(content, b, h, w)
     order = _match(target, recon, regions)
+    if control is not None and len(control.psnr) != b:
+        raise GistressError(f"the control has {len(control.psnr)} scored samples for {b} targets",
+                            "score the control on the same target batch")
 
     pairs = [(_crop(recon[j : j + 1], reg), _crop(target[i : i + 1], reg)) for i, (j, reg) in enumerate(zip(order, regions))]
     psnr = [_psnr(r, t) for r, t in pairs]
     ssim = [_ssim(r, t) for r, t in pairs]
     aligned = [psnr_affine(r, t) for r, t in pairs]
+    gains = [content_gain(r, t, rule.max_shift) for r, t in pairs]
 
     lpips_vals: list[float] | None = None
     missing: str | None = None
@@ -274,23 +282,23 @@ def score(
     else:
         missing = "LPIPS disabled (use_lpips=False)"
 
-    if lpips_vals is None:
-        leaked = [p >= leak_psnr for p in psnr]
-        why = "lpips disabled" if not use_lpips else "lpips missing"
-        rule = f"psnr>={leak_psnr:g} ({why})"
-    else:
-        leaked = [p >= leak_psnr and lp <= leak_lpips for p, lp in zip(psnr, lpips_vals)]
-        rule = f"psnr>={leak_psnr:g} and lpips<={leak_lpips:g}"
-
+    leaked = [
+        rule.decide(gains[i],
+                    control_gain=control.content_gain[i] if control is not None and control.content_gain else None,
+                    lpips=lpips_vals[i] if lpips_vals is not None else None,
+                    control_lpips=control.lpips[i] if control is not None and control.lpips else None)
+        for i in range(b)
+    ]
     return Scores(
         psnr=psnr,
         ssim=ssim,
         lpips=lpips_vals,
         leaked=leaked,
         order=order,
-        leak_rule=rule,
+        leak_rule=rule.describe(lpips_vals is not None, control=control is not None),
         lpips_missing=missing,
         psnr_affine=aligned,
+        content_gain=gains,
     )
 
 
