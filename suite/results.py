@@ -76,6 +76,8 @@ class Reconstruction:
     # closed forms: |update rebuilt from the solution - observed update| / |observed| for the first
     # layer, a self-check that needs no target (None for optimization attacks)
     residual: float | None = None
+    # the step a mid-run checkpoint had reached when this run resumed it (None: ran from step 0)
+    resumed_from: int | None = None
 
 
 @dataclass

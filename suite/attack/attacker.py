@@ -16,6 +16,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from torch.func import functional_call
 
 from suite.attack.allocator import tune_allocator
 from suite.attack.batched_bn import own_forward_bn_layers, vmappable_batch_norm
+from suite.attack.checkpoint import Checkpoint
 from suite.attack.convgrad import use_grouped_conv_derivative
 from suite.attack.descent import all_diverged, descend
 from suite.attack.inits import random_init
@@ -310,7 +312,8 @@ class Attacker:
                 for _ in range(self.spec.restarts)]
 
     def reconstruct(self, inits: list[torch.Tensor] | None = None, *, control: bool = False,
-                    callback: StepCallback | None = None) -> Reconstruction:
+                    callback: StepCallback | None = None, checkpoints: Path | None = None,
+                    fingerprint: str = "") -> Reconstruction:
         """Run every restart from ``inits`` (pixels; default: seeded random) and keep the one
         with the lowest final matching loss. ``control=True`` switches the gradient term off.
 
@@ -318,14 +321,26 @@ class Attacker:
         (matching loss inf); the other restarts decide. Only when every restart diverged does
         the attack fail (DivergenceError). Restarts run one after another, or as one batched
         pass (``restart_mode``); either way the callback sees every restart's logged steps.
+        ``checkpoints``: a folder for each loop's mid-run checkpoint (``attack-restart0.pt``, ...),
+        resumed when present and written for ``fingerprint`` (``suite/attack/checkpoint.py``).
         """
         inits = inits if inits is not None else self.initial_images()
+        kind = "control" if control else "attack"
+        opened: list[Checkpoint] = []
+
+        def checkpoint(name: str) -> Checkpoint | None:
+            if checkpoints is None:
+                return None
+            opened.append(Checkpoint(Path(checkpoints) / f"{kind}-{name}.pt", f"{fingerprint}/{kind}-{name}"))
+            return opened[-1]
         images, losses, histories, label_sets, failures = [], [], [], [], []
         with math_attention():
             if self.batches_restarts(len(inits)):
-                runs = self._optimize_batched([x0.to(self.device) for x0 in inits], control, callback)
+                runs = self._optimize_batched([x0.to(self.device) for x0 in inits], control, callback,
+                                              checkpoint("batched"))
             else:
-                runs = [self._optimize(x0.to(self.device), control, callback, restart=r)
+                runs = [self._optimize(x0.to(self.device), control, callback, restart=r,
+                                       checkpoint=checkpoint(f"restart{r}"))
                         for r, x0 in enumerate(inits)]
             for run in runs:
                 x = self.to_pixels(run.candidate.detach())
@@ -350,6 +365,7 @@ class Attacker:
             init=inits[chosen].detach().cpu().clamp(0, 1),
             labels=None if labels is None else labels.detach().cpu(), history=histories[chosen],
             diverged=diverged or None, restarts_diverged=sum(f is not None for f in failures),
+            resumed_from=min((c.resumed_from for c in opened if c.resumed_from is not None), default=None),
         )
 
     def _loss_fn_for_restart(self, restart: int):
@@ -365,23 +381,27 @@ class Attacker:
         references: the box applies after each step)."""
         return self.to_candidate(x0.detach()).clone().requires_grad_(True)
 
-    def _optimize(self, x0: torch.Tensor, control: bool, callback, restart: int) -> _Run:
+    def _optimize(self, x0: torch.Tensor, control: bool, callback, restart: int,
+                  checkpoint: Checkpoint | None = None) -> _Run:
         z = self._start(x0)
         loss_fn, extra = self._loss_fn_for_restart(restart)
         history: list[dict] = []
+        if checkpoint is not None:
+            checkpoint.attach(history)
 
         def log(step: int, parts: dict[str, torch.Tensor]) -> None:
             values = {k: float(v.detach()) for k, v in parts.items()}
             history.append(_record(step, values, self.to_pixels(z.detach()), callback))
 
         outcome = descend(self.spec, [z] + extra, lambda: self.objective(self.to_pixels(z), loss_fn, control, z),
-                          log, self.box(), batched=False)
+                          log, self.box(), batched=False, checkpoint=checkpoint)
         best = outcome.variables
         if extra:
             loss_fn = ClassificationLoss(soft_logits=best[1])
         return _Run(best[0], history, loss_fn, outcome.failures[0])
 
-    def _optimize_batched(self, inits: list[torch.Tensor], control: bool, callback) -> list[_Run]:
+    def _optimize_batched(self, inits: list[torch.Tensor], control: bool, callback,
+                          checkpoint: Checkpoint | None = None) -> list[_Run]:
         """All restarts at once: one vmapped objective over a stacked [R, B, ...] candidate.
 
         Adam and signed gradients act element-wise, so one optimizer over the stack is R
@@ -407,16 +427,23 @@ class Attacker:
             return torch.where(torch.isfinite(totals), totals, 0.0).sum(), parts
 
         histories: list[list[dict]] = [[] for _ in range(n)]
+        flat: list[dict] = []  # every restart's records in one list, for the checkpoint
+        if checkpoint is not None:
+            checkpoint.attach(flat)
 
         def log(step: int, parts: dict[str, torch.Tensor]) -> None:
             values = {k: v.detach().cpu().tolist() for k, v in parts.items()}
             for r in range(n):
-                histories[r].append(_record(step, {k: v[r] for k, v in values.items()},
-                                            self.to_pixels(z[r].detach()), callback))
+                record = _record(step, {k: v[r] for k, v in values.items()}, self.to_pixels(z[r].detach()), callback)
+                histories[r].append(record)
+                flat.append({**record, "restart": r})
 
         with vmappable_batch_norm(self.model):
             outcome = descend(self.spec, [z] + ([soft] if soft is not None else []), objective, log, self.box(),
-                              batched=True)
+                              batched=True, checkpoint=checkpoint)
+        if checkpoint is not None and checkpoint.resumed_from is not None:  # the records saved before
+            histories = [[{k: v for k, v in rec.items() if k != "restart"} for rec in flat if rec["restart"] == r]
+                         for r in range(n)]
         best = outcome.variables
         if soft is not None:
             loss_fns = [ClassificationLoss(soft_logits=best[1][r]) for r in range(n)]

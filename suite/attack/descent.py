@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from suite.attack.checkpoint import Checkpoint
 from suite.config import AttackSpec
 from suite.errors import DivergenceError
 
@@ -36,7 +37,7 @@ def milestones(spec: AttackSpec) -> list[int]:
 
 def descend(spec: AttackSpec, variables: list[torch.Tensor], objective: Objective,
             log: Callable[[int, dict[str, torch.Tensor]], None], box: tuple[torch.Tensor, torch.Tensor],
-            batched: bool) -> Descent:
+            batched: bool, checkpoint: Checkpoint | None = None) -> Descent:
     """``spec.iterations`` steps of Adam (signed, step decay) or L-BFGS on ``variables``
     (the candidate first; with ``batched`` every variable has a leading restart dimension).
 
@@ -44,7 +45,8 @@ def descend(spec: AttackSpec, variables: list[torch.Tensor], objective: Objectiv
     candidate's space. Tracks, per restart, the iterate with the lowest objective
     (``keep=best``), boxes the candidate after each step (``clamp``), and stops a restart at the
     step where its values turn NaN/inf, restoring its best iterate. ``log(step, parts)`` every
-    ``log_interval`` steps.
+    ``log_interval`` steps. With a ``checkpoint`` the loop resumes from its saved state and saves
+    its state when one is due (at a logged step) and when it ends (``suite/attack/checkpoint.py``).
     """
     x = variables[0]
     iters = spec.iterations
@@ -82,7 +84,30 @@ def descend(spec: AttackSpec, variables: list[torch.Tensor], objective: Objectiv
             for b, v in zip(best, current):
                 b[better] = v[better]
 
-    for step in range(iters):
+    def state(step: int) -> dict:
+        return {"step": step, "variables": [v.detach().clone() for v in variables], "opt": opt.state_dict(),
+                "sched": sched.state_dict() if sched is not None else None, "best": best,
+                "best_val": best_val, "alive": alive,
+                "failures": [None if f is None else (f.message, f.step) for f in failures]}
+
+    start = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        with torch.no_grad():
+            for v, s in zip(variables, saved["variables"]):
+                v.copy_(s)
+        opt.load_state_dict(saved["opt"])
+        if sched is not None:
+            sched.load_state_dict(saved["sched"])
+        for b, s in zip(best, saved["best"]):
+            b.copy_(s)
+        best_val.copy_(saved["best_val"])
+        alive.copy_(saved["alive"])
+        failures = [None if f is None else DivergenceError(f[0], step=f[1]) for f in saved["failures"]]
+        start = saved["step"] + 1
+
+    step = start - 1
+    for step in range(start, iters):
         if spec.optimizer == "lbfgs":
             before = [rows(v.detach()).clone() for v in variables]
             first = opt.step(closure)  # the first evaluation is at the pre-step iterate
@@ -108,6 +133,10 @@ def descend(spec: AttackSpec, variables: list[torch.Tensor], objective: Objectiv
                     rows(v)[~alive] = b[~alive]
         if step % spec.log_interval == 0 or step == iters - 1:
             log(step, last_parts)
+            if checkpoint is not None and checkpoint.due() and step < iters - 1:
+                checkpoint.save(state(step))
+    if checkpoint is not None and step >= start:  # the end: a resumed run skips the whole loop
+        checkpoint.save(state(iters - 1))
     if spec.keep == "best" and bool(alive.any()):
         _, parts = objective()  # the final iterate is a candidate too
         remember(parts["total"].detach().reshape(-1), [rows(v.detach()) for v in variables])

@@ -21,6 +21,8 @@ METRIC_NAMES = {
     "wsrr": "score/wsrr", "label_accuracy": "score/label_accuracy", "init_psnr": "score/init_psnr",
     "psnr_affine": "score/psnr_affine", "content_gain": "score/content_gain", "leaked": "score/leaked",
     "oracle_best_restart_psnr": "oracle/best_restart_psnr",
+    "oracle_best_snapshot_ssim": "oracle/best_snapshot_ssim", "oracle_best_snapshot_psnr": "oracle/best_snapshot_psnr",
+    "oracle_best_snapshot_step": "oracle/best_snapshot_step",
     "matching_loss": "loss/matching", "total": "loss/total", "tv": "loss/tv", "bn_prior": "loss/bn_prior",
     "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds",
     "closed_form_residual": "closed_form/residual", "start_residual": "closed_form/start_residual",

@@ -7,6 +7,7 @@ target is used only to build oracle inits (tagged) and to score afterwards.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     of ``run_setting``, also used where the update came from elsewhere (``suite.federation``: the
     update a Flower server received). ``prepared.batch`` is the ground truth, used only to score
     after the attack and to build oracle starts (``prepared.inits``); the attacker sees ``obs``."""
-    from suite.scoring.metrics import psnr_per_sample, score, wsrr
+    from suite.scoring.metrics import best_snapshot, psnr_per_sample, score, ssim_per_sample, wsrr
 
     out_dir = Path(out_dir)
     t0 = prepared.started
@@ -221,9 +222,10 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     bar = _progress(cfg, progress)
 
     def callback(step, record, x):
+        # ground truth for the record only: these curves and the oracle snapshot never steer the attack
         x = x.cpu()
-        values = psnr_per_sample(batch.images, x)
-        extra = {"psnr": sum(values) / len(values)}
+        values, ssims = psnr_per_sample(batch.images, x), ssim_per_sample(x, batch.images)
+        extra = {"psnr": sum(values) / len(values), "ssim": sum(ssims) / len(ssims)}
         if on_images is not None:
             on_images("reconstruction", step, x)
         if on_step is not None:
@@ -233,7 +235,10 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
             bar.set_postfix(loss=f"{record['matching_loss']:.4f}", psnr=f"{extra['psnr']:.1f}")
         return extra
 
-    recon = attacker.reconstruct(inits, callback=callback)
+    # mid-run checkpoints in the run's folder: a killed run resumes there (suite/attack/checkpoint.py)
+    resumable = {} if cfg.attack.closed_form else dict(checkpoints=Path(out_dir) / "checkpoints",
+                                                         fingerprint=cfg.config_hash())
+    recon = attacker.reconstruct(inits, callback=callback, **resumable)
     if bar is not None:
         bar.close()
     rule = leak_rule(cfg)
@@ -245,7 +250,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
             on_images("control", step, x.cpu())
 
         control = attacker.reconstruct(inits, control=True,
-                                       callback=control_callback if on_images is not None else None)
+                                       callback=control_callback if on_images is not None else None, **resumable)
         control_scores = score(batch.images, control.images, content=batch.content, rule=rule)
         control.matching_loss = attacker.matching_loss(control.images.to(device))
     # the leak decision asks for a gain over the control where one ran (suite.scoring.leak_rule)
@@ -257,6 +262,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     metrics["wsrr"] = wsrr(restart_scores)
     metrics["matching_loss"] = recon.matching_loss
     metrics["oracle_best_restart_psnr"] = max(s.summary()["psnr"] for s in restart_scores)
+    metrics.update(best_snapshot(recon.history) or {})  # oracle columns: reported, never decided on
     if recon.init is not None:
         init_scores = score(batch.images, recon.init, content=batch.content, use_lpips=False, rule=rule)
         metrics["init_psnr"] = init_scores.summary()["psnr"]
@@ -303,6 +309,8 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
         tags["control"] = "not run: a closed form has no prior to run alone"
     if recon.diverged:
         tags["diverged"] = recon.diverged
+    if recon.resumed_from is not None:
+        tags["resumed_from_step"] = str(recon.resumed_from)
     if cfg.attack.init == "file":
         import hashlib
 
@@ -374,6 +382,7 @@ def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     arts["metrics"] = metrics_path
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done: nothing to resume
     return arts
 
 

@@ -317,6 +317,28 @@ def psnr_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return [_cap(float(v)) for v in vals.reshape(-1)]
 
 
+@torch.no_grad()
+def ssim_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """SSIM of a[i] vs b[i] over whole images, no matching: what the papers' ground-truth snapshot
+    selection reads (an oracle: the runner logs it per step, nothing decides with it)."""
+    _check_pair(b, a)
+    a = torch.nan_to_num(a.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+    b = b.detach().float().to(a.device).clamp(0, 1)
+    return [_ssim(a[i : i + 1], b[i : i + 1]) for i in range(a.shape[0])]
+
+
+def best_snapshot(history: Sequence[dict]) -> dict[str, float] | None:
+    """The logged step with the highest SSIM against the ground truth, the selection rule of
+    LeakPro's attack loop (best-SSIM snapshot): an ORACLE upper bound, reported beside the
+    attack's own result and never used for a leak decision. None when no step logged SSIM."""
+    logged = [r for r in history if r.get("ssim") is not None]
+    if not logged:
+        return None
+    best = max(logged, key=lambda r: r["ssim"])
+    return {"oracle_best_snapshot_ssim": best["ssim"], "oracle_best_snapshot_psnr": best["psnr"],
+            "oracle_best_snapshot_step": best["step"]}
+
+
 def wsrr(runs: Sequence[Scores]) -> float:
     """Worst-sample reconstruction rate: fraction of repeated attacks where any sample leaked.
 

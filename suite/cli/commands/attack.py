@@ -83,13 +83,17 @@ def summary_table(result) -> str:
     """The final table: attack and control scores side by side."""
     m = result.metrics
     lp = lambda key: f"{m[key]:.3f}" if key in m else "missing"  # noqa: E731
-    lines = [f"{'':<16}{'PSNR':>8}{'SSIM':>8}{'LPIPS':>9}{'BRR':>6}{'match loss':>12}"]
-    lines.append(f"{'attack':<16}{m['psnr']:>8.2f}{m['ssim']:>8.3f}{lp('lpips'):>9}{m['brr']:>6.2f}"
-                 f"{m['matching_loss']:>12.4f}")
+    lines = [f"{'':<16}{'PSNR':>8}{'SSIM':>8}{'LPIPS':>9}{'content':>9}{'BRR':>6}{'match loss':>12}"]
+    lines.append(f"{'attack':<16}{m['psnr']:>8.2f}{m['ssim']:>8.3f}{lp('lpips'):>9}{m['content_gain']:>9.2f}"
+                 f"{m['brr']:>6.2f}{m['matching_loss']:>12.4f}")
     if "control_psnr" in m:
         lines.append(f"{'prior-only ctrl':<16}{m['control_psnr']:>8.2f}{m['control_ssim']:>8.3f}"
-                     f"{lp('control_lpips'):>9}{m['control_brr']:>6.2f}{m['control_matching_loss']:>12.4f}")
-        lines.append(f"{'gradient gain':<16}{m['gain_psnr']:>+8.2f}{m['gain_ssim']:>+8.3f}")
+                     f"{lp('control_lpips'):>9}{m['control_content_gain']:>9.2f}{m['control_brr']:>6.2f}"
+                     f"{m['control_matching_loss']:>12.4f}")
+        lines.append(f"{'gradient gain':<16}{m['gain_psnr']:>+8.2f}{m['gain_ssim']:>+8.3f}{'':>9}"
+                     f"{m['gain_content']:>+9.2f}")
+    lines.append(f"leaked: {'yes' if m['leaked'] else 'no'} (rule: {result.scores.leak_rule}; 'content' is the "
+                 "content gain in dB over the target's mean colour)")
     if "closed_form_residual" in m:
         lines.append(f"closed form: {result.tags.get('closed_form', '')}; residual "
                      f"{m['closed_form_residual']:.2e} (first-layer update rebuilt from the solution vs the "
