@@ -690,15 +690,16 @@ def test_leak_sentence_names_which_settings_leaked():
 
     rows = [
         {"variant": "lenet", "name": "lenet bn=train", "axes": {"variant": "lenet"}, "seed": 0, "image": "astronaut",
-         "status": "FINISHED", "metrics": {"psnr": 41.2, "brr": 1.0}},
+         "status": "FINISHED", "metrics": {"psnr": 41.2, "brr": 1.0, "leaked": 1.0}, "leak_rule": "RULE"},
+        # the verdict is the run's own leaked flag, never re-derived from another column
         {"variant": "resnet18", "axes": {"variant": "resnet18"}, "seed": 0, "image": "astronaut",
-         "status": "FINISHED", "metrics": {"psnr": 9.1, "brr": 0.0}},
+         "status": "FINISHED", "metrics": {"psnr": 9.1, "brr": 1.0, "leaked": 0.0}, "leak_rule": "RULE"},
         {"variant": "yolov8n", "axes": {"variant": "yolov8n"}, "seed": 0, "image": "bus", "status": "FAILED",
          "metrics": {}},
     ]
     text = leak_sentence(rows)
-    assert text == "leaked: lenet bn=train (41.20 dB). did not leak: resnet18 (9.10 dB)."
-    assert leak_sentence(rows[1:]) == "no setting leaked. did not leak: resnet18 (9.10 dB)."
+    assert text == "leaked: lenet bn=train (41.20 dB). did not leak: resnet18 (9.10 dB). leak rule: RULE."
+    assert leak_sentence(rows[1:]) == "no setting leaked. did not leak: resnet18 (9.10 dB). leak rule: RULE."
     assert leak_sentence(rows[2:]) == ""
 
 

@@ -191,6 +191,7 @@ def execute_setting(job: SettingJob) -> dict:
             tr.log_result(result)
         row["status"] = "FINISHED"
         row["metrics"] = numeric_metrics(result.metrics)
+        row["leak_rule"] = result.tags.get("leak_rule")
         row["artifacts"] = {str(k): str(v) for k, v in (result.artifacts or {}).items()}
     except (KeyboardInterrupt, SystemExit):
         raise

@@ -156,6 +156,7 @@ def _reused_row(client, s: Setting, run_id: str, study_dir: Path) -> dict:
 
         run = client.get_run(run_id)
         row["metrics"] = internal_metrics(run.data.metrics)  # MLflow's names back to the suite's keys
+        row["leak_rule"] = run.data.tags.get("leak_rule")
     except Exception as exc:
         row["error"] = f"earlier run unreadable: {exc}"
     local = study_dir / s.config_hash
@@ -197,6 +198,9 @@ def leak_sentence(rows: Sequence[dict]) -> str:
     parts = [f"leaked: {'; '.join(leaked)}" if leaked else "no setting leaked"]
     if held:
         parts.append(f"did not leak: {'; '.join(held)}")
+    rules = sorted({row["leak_rule"] for row, _ in done if row.get("leak_rule")})
+    if rules:  # the rule names itself wherever a verdict is printed
+        parts.append(f"leak rule: {' | '.join(rules)}")
     return ". ".join(parts) + "."
 
 
