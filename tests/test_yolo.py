@@ -446,3 +446,28 @@ def test_checkpoint_mismatches(tmp_path):
         load_checkpoint(fresh("yolov8n", 3), tmp_path / "junk.pt")
     with pytest.raises(GistressError, match="not a readable torch checkpoint"):
         load_checkpoint(fresh("yolov8n", 3), tmp_path / "junk.pt", trust_checkpoint=True)
+
+
+def test_resnet_yolo_as_leakpro_leaves_it_runs_in_eval_mode():
+    """bn_init=leakpro: torchvision momenta in the ResNet blocks and one train-mode forward of a black
+    image at build, as the authors' YOLORes does: every running mean 0, every running variance
+    1 - momentum (33 layers at 0.9, 14 at 0.97). Eval mode is then what their Fig. 5(d) attacks,
+    so the runner accepts it; pristine 0/1 statistics are still refused."""
+    import variants
+    from suite.config import RunConfig
+    from suite.execution.runner import build_and_load
+    from suite.model.batchnorm import named_bn_layers
+
+    model = variants.build("yolov8n-resnet", bn_init="leakpro").model
+    stats = [(round(float(m.running_var.mean()), 4), float(m.running_mean.abs().max()), m.momentum)
+             for _, m in named_bn_layers(model)]
+    assert sorted(set(stats)) == [(0.9, 0.0, 0.1), (0.97, 0.0, 0.03)]
+    assert [s[0] for s in stats].count(0.9) == 33 and [s[0] for s in stats].count(0.97) == 14
+    leakpro = RunConfig(variant="yolov8n-resnet", variant_options={"bn_init": "leakpro"}, images=["bus"],
+                        size=64, threat={"bn_mode": "eval"})
+    variant, _, _ = build_and_load(leakpro)
+    assert variant.options["bn_init"] == "leakpro"
+    with pytest.raises(GistressError, match="bn_mode=eval on random weights: BN running statistics are 0/1"):
+        build_and_load(RunConfig(variant="yolov8n-resnet", images=["bus"], size=64, threat={"bn_mode": "eval"}))
+    with pytest.raises(GistressError, match="bn_init='x' is not one of ultralytics, leakpro"):
+        variants.build("yolov8n-resnet", bn_init="x")

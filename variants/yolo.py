@@ -24,6 +24,7 @@ import suite  # noqa: F401  (YOLO_OFFLINE before ultralytics is imported)
 from suite.errors import GistressError
 from variants.base import IDENTITY_NORM, Variant, register
 from variants.checkpoint import read_checkpoint
+from variants.resnet import check_choice
 
 from ultralytics.nn import tasks as _tasks
 from ultralytics.nn.modules.block import C2f
@@ -247,12 +248,31 @@ def yolov8n_preact(name: str = "yolov8n-preact", nc: int = 80) -> Variant:
     "YOLOv8-nano with a ResNet-18-like backbone and one-BasicBlock neck stages (the first paper's authors' "
     "'BasicBlock' YOLO)",
 )
-def yolov8n_resnet(name: str = "yolov8n-resnet", nc: int = 80) -> Variant:
+def yolov8n_resnet(name: str = "yolov8n-resnet", nc: int = 80, bn_init: str = "ultralytics") -> Variant:
     """The first paper's authors' "BasicBlock" YOLOv8-nano (their ``yolo_v8_n_basicblock``): the whole
     DarkNet backbone replaced by a ResNet-18-like one (7x7 stride-2 stem, max-pool, four stages of two
     BasicBlocks), each neck C2f replaced by a single BasicBlock with a projection shortcut, the Detect
-    head unchanged; nano widths 16-32-64-128-256."""
-    return _variant(name, "yolov8n-resnet", nc)
+    head unchanged; nano widths 16-32-64-128-256.
+
+    ``bn_init="leakpro"`` leaves the random model's BN layers as the authors' code leaves them: the
+    ResNet blocks with torchvision's BN defaults (momentum 0.1, eps 1e-5) instead of ultralytics'
+    (0.03, 1e-3), and one train-mode forward of a black 256 px image at build (their ``YOLORes``
+    computes its strides that way), which moves every running variance to 1 - momentum (0.9 or
+    0.97) and keeps the means at 0. Their Fig. 5(d) attacks that model in eval mode."""
+    check_choice("bn_init", bn_init, ("ultralytics", "leakpro"), name)
+    variant = _variant(name, "yolov8n-resnet", nc)
+    if bn_init == "leakpro":
+        model = variant.model
+        for module in model.modules():
+            if isinstance(module, (ResNetStem, ResNetStage)):
+                for bn in module.modules():
+                    if isinstance(bn, nn.BatchNorm2d):
+                        bn.momentum, bn.eps = 0.1, 1e-5
+        model.train()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 256, 256))
+        variant.options["bn_init"] = bn_init
+    return variant
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -19,6 +19,7 @@ import torch
 from suite.config import RunConfig
 from suite.errors import GistressError
 from suite.model.bnstats import has_bn
+from suite.model.detection import uncalibrated_bn_layers
 from suite.results import RunResult
 
 StepHook = Callable[[int, dict[str, float]], None]
@@ -93,7 +94,9 @@ def build_and_load(cfg: RunConfig):
 
         pool, calibrated_on = calibration_images(cfg, variant.task, size, batch)
         calibrate_bn(variant, pool, batches=cfg.calibration_batches, seed=cfg.seed)
-    if cfg.threat.bn_mode == "eval" and cfg.weights == "random" and has_bn(variant.model):
+    # untouched 0/1 statistics only: a model built as its authors leave it (yolov8n-resnet
+    # bn_init=leakpro: one train-mode forward at build) is what their eval-mode experiments attack
+    if cfg.threat.bn_mode == "eval" and cfg.weights == "random" and uncalibrated_bn_layers(variant.model):
         raise GistressError(
             "bn_mode=eval on random weights: BN running statistics are 0/1, so gradients barely "
             "depend on the input and the attack would be meaningless",
