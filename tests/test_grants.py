@@ -75,11 +75,11 @@ def test_the_control_starts_where_the_attack_starts_with_the_same_restarts(tmp_p
     running = []
     real_reconstruct, real_start = Attacker.reconstruct, Attacker._start
 
-    def reconstruct(self, inits=None, *, control=False, callback=None):
+    def reconstruct(self, inits=None, *, control=False, callback=None, **checkpointing):
         running.append(control)
         starts[control] = []
         try:
-            return real_reconstruct(self, inits, control=control, callback=callback)
+            return real_reconstruct(self, inits, control=control, callback=callback, **checkpointing)
         finally:
             running.pop()
 

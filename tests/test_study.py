@@ -370,7 +370,8 @@ def test_run_study_in_process(tmp_path, uri, capsys):
     assert {"tags.`axis.variant`", "tags.`image`"} <= set(view["selectedColumns"])
     assert view["columnOrder"][0] == "attributes.`Run Name`" and view["orderByKey"] == "metrics.`gain/psnr`"
     csv_lines = out.csv_path.read_text().splitlines()
-    assert csv_lines[0].startswith("variant,seed,image,psnr,ssim,lpips,brr,leaked,control_psnr,gain_psnr,status")
+    assert csv_lines[0].startswith("variant,seed,image,psnr,ssim,lpips,brr,content_gain,leaked,control_psnr,gain_psnr,"
+                                   "status")
     assert len(csv_lines) == 5 and ",missing," in csv_lines[1]
     assert out.figure_path.is_file() and out.figure_path.stat().st_size > 1000
     printed = capsys.readouterr().out.strip().splitlines()
@@ -437,8 +438,9 @@ def test_view_state_of_a_large_study_filters_by_its_tags():
 
     small = view_state(["a" * 32, "b" * 32], ["axis.attack.tv"], study="s", profile="smoke", has_control=False)
     assert small["searchFilter"] == f"attributes.run_id IN ('{'a' * 32}','{'b' * 32}')"
-    assert small["selectedColumns"] == ["metrics.`score/psnr`", "metrics.`score/ssim`", "metrics.`score/lpips`",
-                                        "metrics.`score/brr`", "tags.`axis.attack.tv`"]  # no control: no gain
+    assert small["selectedColumns"] == ["metrics.`score/psnr`", "metrics.`score/content_gain`", "metrics.`score/leaked`",
+                                        "metrics.`score/ssim`", "metrics.`score/lpips`", "metrics.`score/brr`",
+                                        "tags.`axis.attack.tv`"]  # no control: no gain
     assert small["orderByKey"] == "metrics.`score/psnr`"
     large = view_state([f"{i:032x}" for i in range(600)], [], study="s", profile=None, has_control=True)
     assert large["searchFilter"] == ("tags.`study` = 's' AND tags.`profile` = 'none' "

@@ -135,8 +135,8 @@ def descend(spec: AttackSpec, variables: list[torch.Tensor], objective: Objectiv
             log(step, last_parts)
             if checkpoint is not None and checkpoint.due() and step < iters - 1:
                 checkpoint.save(state(step))
-    if checkpoint is not None and step >= start:  # the end: a resumed run skips the whole loop
-        checkpoint.save(state(iters - 1))
+    if checkpoint is not None and step >= start and bool(alive.any()):
+        checkpoint.save(state(iters - 1))  # the end: a resumed run skips the loop (a dead one fails anyway)
     if spec.keep == "best" and bool(alive.any()):
         _, parts = objective()  # the final iterate is a candidate too
         remember(parts["total"].detach().reshape(-1), [rows(v.detach()) for v in variables])
