@@ -269,17 +269,18 @@ def _without_bn(model: nn.Module) -> None:
                 m.conv.bias = nn.Parameter(torch.zeros(m.conv.out_channels))
 
 
-def build_reference_model(nc: int = 80, act: str = "sigmoid", bn: bool = False, init_range: float | None = 0.5,
-                          width: int = 16):
+def build_reference_model(nc: int = 80, act: str = "tanh", bn: bool = False, init_range: float | None = 0.07,
+                          width: int = 256):
     """The ``yolo-ref`` DetectionModel (``variants/yaml/yolo-ref.yaml``) with its options applied:
     ``act`` every Conv's activation, ``bn`` keep the BN layers, ``init_range`` r: every weight and
-    bias drawn from U(-r, r) as DLG's LeNet (None: ultralytics' own init), ``width`` backbone channels."""
+    bias drawn from U(-r, r) as DLG's LeNet (None: ultralytics' own init), ``width`` backbone channels.
+    The defaults are the measured reference (docs/audit.md, "Positive controls")."""
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
     if act not in REF_ACTIVATIONS:
         raise GistressError(f"unknown act '{act}'", f"use one of: {', '.join(REF_ACTIVATIONS)}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise GistressError(f"width must be a positive integer, got {width!r}", "e.g. width=16")
+        raise GistressError(f"width must be a positive integer, got {width!r}", "e.g. width=256")
     if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
         raise GistressError(f"nc must be a positive integer, got {nc!r}", "pass nc=<number of classes>, e.g. nc=80")
     cfg = yaml_model_load(YAML_DIR / "yolo-ref.yaml")
@@ -302,12 +303,13 @@ def build_reference_model(nc: int = 80, act: str = "sigmoid", bn: bool = False, 
     "yolo-ref",
     "detection",
     REF_INPUT_SIZE,
-    "detection positive-control reference: 3 sigmoid 5x5 convs, no BN, U(-0.5, 0.5), real Detect head (P3)",
+    "detection positive-control reference: 3 tanh 5x5 convs (256 ch), no BN, U(-0.07, 0.07), real Detect head (P3)",
 )
-def yolo_ref(name: str = "yolo-ref", nc: int = 80, act: str = "sigmoid", bn: bool = False,
-             init_range: float | None = 0.5, width: int = 16) -> Variant:
+def yolo_ref(name: str = "yolo-ref", nc: int = 80, act: str = "tanh", bn: bool = False,
+             init_range: float | None = 0.07, width: int = 256) -> Variant:
     """The known-leaky detector of the audit's detection positive controls: a DLG-style backbone
-    (sigmoid, no BN, wide uniform init) with ultralytics' real Detect head and v8DetectionLoss."""
+    (smooth activation, no BN, uniform init, no weights to load) with ultralytics' real Detect head
+    and v8DetectionLoss; ``ig`` and ``gia_bn`` invert it at 32 px in 100 iterations."""
     model = build_reference_model(nc, act, bn, init_range, width)
     return Variant(name=name, model=model, task="detection", input_size=REF_INPUT_SIZE, normalization=IDENTITY_NORM,
                    num_classes=nc, options={"nc": nc, "act": act, "bn": bn, "init_range": init_range,
