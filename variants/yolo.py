@@ -1,4 +1,5 @@
-"""YOLOv8-nano family (stock, BasicBlock, pre-activation, ResNet backbone) as ultralytics DetectionModels.
+"""YOLOv8-nano family (stock, BasicBlock, pre-activation, ResNet backbone) as ultralytics DetectionModels,
+and ``yolo-ref``, the small known-leaky detector the audit's detection positive controls run on.
 
 Each variant is parsed by ultralytics' own ``parse_model`` from a YAML file in ``variants/yaml/``, so
 the modules, the Detect head and ``v8DetectionLoss`` are the real ultralytics ones and a user's own
