@@ -7,8 +7,9 @@ the audited images resized to its 32x32 input. For detectors it is ``yolo-ref``
 (variants/yolo.py): a DLG-style backbone (three tanh 5x5 convolutions of 256 channels, no BN,
 U(-0.07, 0.07), random weights from the audit's seed) feeding ultralytics' real Detect head and
 v8DetectionLoss, fed the audited images letterboxed to 32 px (boxes scaled with them). The
-``ig`` and ``gia_bn`` presets invert it at the quick budget's 100 iterations (docs/audit.md,
-"Positive controls", has the numbers and the table of what was tried).
+``ig`` and ``gia_bn`` presets invert its one-step update at the quick budget's 100 iterations
+(levels 1, 2, 3, 6), not its 4-step FedAvg delta (level 5); docs/audit.md, "Positive controls",
+has the numbers and the table of what was tried.
 """
 
 from __future__ import annotations
