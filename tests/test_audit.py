@@ -144,12 +144,18 @@ def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, store, ca
     assert rows["dlg"]["status"].startswith("skipped: detection")
     # the boxes are a grant of the client's own batch: SoK level 4 at every detection level
     assert all(rows[k]["assumption_level"] == 4 for k in ran)
-    # no known-leaky detector to check the budget against: a quiet level is inconclusive
+    # every level ran its positive control on the reference detector; at 2 iterations it cannot
+    # leak, so a quiet level is inconclusive, never "no leak"
+    assert summary["positive_control"] == "yolo-ref"
+    assert all(rows[k]["positive_control_status"] == "finished" for k in ran)
     assert all(rows[k]["verdict"] in ("leak", "inconclusive") for k in ran)
     assert "ground-truth boxes and classes" in verdict["verdict"]
     _, parent, children = _runs(store, summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    assert len(children) == 5 and {c.info.status for c in children} == {"FINISHED"}
+    controls = [c for c in children if c.data.tags["gistress.kind"] == "audit_positive_control"]
+    children = [c for c in children if c.data.tags["gistress.kind"] == "audit_level"]
+    assert len(children) == 5 == len(controls) and {c.info.status for c in children + controls} == {"FINISHED"}
+    assert {(c.data.params["variant"], c.data.params["size"]) for c in controls} == {("yolo-ref", "32")}
     grants = {c.data.params["audit_level"]: json.loads(c.data.tags["grants"]) for c in children}
     assert all(g["labels"] == "boxes+classes" for g in grants.values())
     assert all(c.data.params["size"] == "128" for c in children)
@@ -314,7 +320,10 @@ def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
     thorough = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"]), "thorough")
     assert (quick.size, thorough.size) == (256, 640)
     iters = {p.level.key: (p.config.attack.iterations, p.config.attack.restarts) for p in thorough.levels}
-    assert "dlg" not in iters and all(p.control is None for p in thorough.levels)  # no detection reference
+    assert "dlg" not in iters
+    # every detection level checks its budget on the reference detector, at its own 32 px
+    assert {(p.control.variant, p.control.size, p.control.attack.iterations) for p in thorough.levels} == \
+        {("yolo-ref", 32, 24000), ("yolo-ref", 32, 10000)}
     assert iters == {"realistic": (24000, 1), "bn_running": (10000, 1), "bn_eval": (24000, 1),
                      "fedavg": (24000, 1), "strongest": (10000, 4)}
     assert {p.level.key: p.config.weights for p in thorough.levels}["bn_eval"] == "calibrated"

@@ -1,4 +1,5 @@
-"""YOLOv8-nano family (stock, BasicBlock, pre-activation, ResNet backbone) as ultralytics DetectionModels.
+"""YOLOv8-nano family (stock, BasicBlock, pre-activation, ResNet backbone) as ultralytics DetectionModels,
+and ``yolo-ref``, the small known-leaky detector the audit's detection positive controls run on.
 
 Each variant is parsed by ultralytics' own ``parse_model`` from a YAML file in ``variants/yaml/``, so
 the modules, the Detect head and ``v8DetectionLoss`` are the real ultralytics ones and a user's own
@@ -273,6 +274,67 @@ def yolov8n_resnet(name: str = "yolov8n-resnet", nc: int = 80, bn_init: str = "u
             model(torch.zeros(1, 3, 256, 256))
         variant.options["bn_init"] = bn_init
     return variant
+
+
+REF_INPUT_SIZE = 32  # the positive controls letterbox the audited images to this size
+REF_ACTIVATIONS = {"sigmoid": "nn.Sigmoid()", "silu": "nn.SiLU()", "tanh": "nn.Tanh()", "relu": "nn.ReLU()"}
+
+
+def _without_bn(model: nn.Module) -> None:
+    """Every ultralytics Conv (the Detect head's included) as convolution + bias + activation: its
+    BN layer becomes the identity and the convolution gets a bias (as ultralytics' fused models)."""
+    for m in model.modules():
+        if isinstance(m, Conv):
+            m.bn = nn.Identity()
+            if m.conv.bias is None:
+                m.conv.bias = nn.Parameter(torch.zeros(m.conv.out_channels))
+
+
+def build_reference_model(nc: int = 80, act: str = "tanh", bn: bool = False, init_range: float | None = 0.07,
+                          width: int = 256):
+    """The ``yolo-ref`` DetectionModel (``variants/yaml/yolo-ref.yaml``) with its options applied:
+    ``act`` every Conv's activation, ``bn`` keep the BN layers, ``init_range`` r: every weight and
+    bias drawn from U(-r, r) as DLG's LeNet (None: ultralytics' own init), ``width`` backbone channels.
+    The defaults are the measured reference (docs/audit.md, "Positive controls")."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    if act not in REF_ACTIVATIONS:
+        raise GistressError(f"unknown act '{act}'", f"use one of: {', '.join(REF_ACTIVATIONS)}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise GistressError(f"width must be a positive integer, got {width!r}", "e.g. width=256")
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+        raise GistressError(f"nc must be a positive integer, got {nc!r}", "pass nc=<number of classes>, e.g. nc=80")
+    cfg = yaml_model_load(YAML_DIR / "yolo-ref.yaml")
+    cfg["activation"] = REF_ACTIVATIONS[act]
+    cfg["backbone"] = [[f, n, m, [width, *args[1:]]] for f, n, m, args in cfg["backbone"]]
+    model = DetectionModel(cfg, ch=3, nc=nc, verbose=False)
+    if not bn:
+        _without_bn(model)
+    if init_range is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.requires_grad:  # DFL's fixed projection stays
+                nn.init.uniform_(m.weight, -init_range, init_range)
+                if m.bias is not None:
+                    nn.init.uniform_(m.bias, -init_range, init_range)
+    model.args = detection_args()
+    return model
+
+
+@register(
+    "yolo-ref",
+    "detection",
+    REF_INPUT_SIZE,
+    "detection positive-control reference: 3 tanh 5x5 convs (256 ch), no BN, U(-0.07, 0.07), real Detect head (P3)",
+)
+def yolo_ref(name: str = "yolo-ref", nc: int = 80, act: str = "tanh", bn: bool = False,
+             init_range: float | None = 0.07, width: int = 256) -> Variant:
+    """The known-leaky detector of the audit's detection positive controls: a DLG-style backbone
+    (smooth activation, no BN, uniform init, no weights to load) with ultralytics' real Detect head
+    and v8DetectionLoss; ``ig`` and ``gia_bn`` invert it at 32 px in 100 iterations."""
+    model = build_reference_model(nc, act, bn, init_range, width)
+    return Variant(name=name, model=model, task="detection", input_size=REF_INPUT_SIZE, normalization=IDENTITY_NORM,
+                   num_classes=nc, options={"nc": nc, "act": act, "bn": bn, "init_range": init_range,
+                                            "width": width, "pretrained_source": None})
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from suite.audit.battery import BATTERY, REALISTIC, Budget, ThreatLevel, budget_for
-from suite.audit.positive_control import control_config, reference_for
+from suite.audit.positive_control import control_config, reference_for, reference_size
 from suite.config import RunConfig, first_error
 from suite.errors import GistressError
 from suite.keys import deep_merge, nest
@@ -161,7 +161,7 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     reference = reference_for(task)
     if positive_control and reference:
         notes.append(f"positive controls: every level also ran, at the same budget and on the same images "
-                     f"(resized to 32 px), on {reference}, a model known to leak; a level that did not leak "
+                     f"(resized to {reference_size(task)} px), on {reference}, a model known to leak; a level that did not leak "
                      "reads 'no leak at this budget' only where its positive control leaked, else "
                      "'inconclusive'")
     elif positive_control:
