@@ -1,18 +1,60 @@
 """Positive controls for audits: is the attack, at this budget, able to catch a model that leaks?
 
 A "no leak" verdict means something only when the same threat level, attack and budget are
-shown to recover images from a model known to leak. For classifiers that reference is the DLG
-sigmoid LeNet (Zhu et al. 2019), the textbook leaky network (DLG recovers it above 30 dB), fed
-the audited images resized to its 32x32 input. Detection has no reference model here yet: no
-detector configuration has been shown to leak at CPU budgets (docs/audit.md), so a detection
-level that does not leak stays inconclusive rather than claiming "no leak".
+shown to recover images from a model known to leak, at the audited model's scale. ``REFERENCE``
+lists, per task, the known-leaky reference models, each with the input size it was measured at
+and the attacks (presets) measured to recover it there within the quick budget's cap
+(``python -m bench references``; numbers in docs/audit.md). A level's positive control is the
+reference that covers its preset at the size nearest the audited one (ties: the larger size,
+then list order), fed the audited images resized to that size. Where the sizes still differ the
+report says so ("positive control at 32 px, audited model at 128 px").
+
+Classification: DLG's sigmoid LeNet (Zhu et al. 2019) for DLG at 32 px; the "2NN" MLP of
+McMahan et al. (2017, ReLU, dense first layer) for every attack at 32 and at 224 px, because the
+``ig`` and ``gia_bn`` presets do not recover the sigmoid LeNet by the leak rule even at 1,600
+iterations. Detection has no reference model here yet: no detector configuration has been shown
+to leak at CPU budgets (docs/audit.md), so a detection level that does not leak stays
+inconclusive rather than claiming "no leak".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from suite.config import RunConfig
 
-REFERENCE = {"classification": dict(variant="lenet", variant_options={}, weights="random", size=32)}
+ALL_PRESETS = ("ig", "gia_bn", "dlg")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A model known to leak at ``size`` px under the attacks in ``presets`` (random weights by
+    default); ``variant_options`` build it at that size."""
+
+    variant: str
+    size: int
+    presets: tuple[str, ...] = ALL_PRESETS
+    variant_options: dict = field(default_factory=dict)
+    weights: str = "random"
+
+    @property
+    def label(self) -> str:
+        """``<variant> at <size> px``: how the report names it."""
+        return f"{self.variant} at {self.size} px"
+
+    def covers(self, preset: str) -> bool:
+        """Whether this reference was measured to leak under ``preset``."""
+        return preset in self.presets
+
+
+# task -> the known-leaky references, each with its size; order breaks ties at equal distance
+REFERENCE: dict[str, tuple[Reference, ...]] = {
+    "classification": (
+        Reference("lenet", 32, presets=("dlg",)),
+        Reference("mlp", 32),
+        Reference("mlp", 224, variant_options={"input_size": 224}),
+    ),
+}
 
 # a level's verdict, in the words the tables and the conclusion use
 LEAK = "leak"
@@ -22,22 +64,25 @@ UNCHECKED = "no leak (sensitivity not checked)"
 EXACT_NOT_LEAKED = "no leak (closed form: {evidence})"
 
 
-def reference_for(task: str) -> str | None:
-    """The known-leaky reference variant for ``task`` (None: no reference exists)."""
-    ref = REFERENCE.get(task)
-    return ref["variant"] if ref else None
+def reference_for(task: str, size: int, preset: str) -> Reference | None:
+    """The known-leaky reference for ``task``'s attack ``preset`` at the size nearest ``size``
+    (ties: the larger size, then list order); None when none exists."""
+    found = [(i, r) for i, r in enumerate(REFERENCE.get(task, ())) if r.covers(preset)]
+    if not found:
+        return None
+    return min(found, key=lambda ir: (abs(ir[1].size - size), -ir[1].size, ir[0]))[1]
 
 
-def control_config(level_config: RunConfig, task: str, num_classes: int) -> RunConfig | None:
-    """The positive control of one audit level: the same threat model, attack, budget, images
-    and seed on the task's reference model (with the audited model's classes, so the labels fit);
-    None when the task has no reference."""
-    ref = REFERENCE.get(task)
+def control_config(level_config: RunConfig, task: str, num_classes: int, size: int) -> RunConfig | None:
+    """The positive control of one audit level on a model audited at ``size`` px: the same threat
+    model, attack, budget, images and seed on the task's reference for that attack and size (with
+    the audited model's classes, so the labels fit); None when no reference exists."""
+    ref = reference_for(task, size, level_config.attack.preset or "ig")
     if ref is None:
         return None
     data = level_config.model_dump()
-    data.update(ref, trust_checkpoint=False)
-    data["variant_options"] = {"num_classes": num_classes}
+    data.update(variant=ref.variant, weights=ref.weights, size=ref.size, trust_checkpoint=False,
+                variant_options={**ref.variant_options, "num_classes": num_classes})
     return RunConfig(**data)
 
 
