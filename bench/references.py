@@ -25,6 +25,7 @@ CANDIDATES = {
     "mlp-sigmoid@32": dict(variant="mlp", variant_options={"activation": "sigmoid"}, size=32),
     "mlp@32": dict(variant="mlp", variant_options={}, size=32),
     "mlp@224": dict(variant="mlp", variant_options={"input_size": 224}, size=224),
+    "mlp-h32@224": dict(variant="mlp", variant_options={"input_size": 224, "hidden": 32}, size=224),
     "convnext_t@224": dict(variant="convnext_t", variant_options={}, size=224),
 }
 # the battery's optimization levels as the reference sees them (no BN: levels 2/3 equal 1 with gia_bn/ig)
