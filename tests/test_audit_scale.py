@@ -98,6 +98,8 @@ def test_reference_is_chosen_by_task_attack_and_nearest_size():
     assert reference_for("classification", 128, "ig").size == 224  # a tie goes to the larger size
     assert reference_for("classification", 64, "ig").size == 32
     assert reference_for("detection", 256, "ig") is None
+    # FedAvg at 224 px: the 224 px MLP is too slow to unroll, so its control stays at 32 px
+    assert reference_for("classification", 224, "ig", "fedavg").label == "mlp at 32 px"
 
 
 def test_a_224_px_model_gets_the_224_px_control_and_a_128_px_one_is_told_the_scales_differ():
@@ -105,9 +107,9 @@ def test_a_224_px_model_gets_the_224_px_control_and_a_128_px_one_is_told_the_sca
                             "quick")
     assert plan.size == 224
     controls = {p.level.key: (p.control.variant, p.control.size) for p in plan.levels}
-    assert controls.pop("dlg") == ("lenet", 32)
+    assert controls.pop("dlg") == ("lenet", 32) and controls.pop("fedavg") == ("mlp", 32)
     assert set(controls.values()) == {("mlp", 224)}
-    assert {p.control.variant_options["input_size"] for p in plan.levels if p.level.preset != "dlg"} == {224}
+    assert {p.control.variant_options["input_size"] for p in plan.levels if p.control.size == 224} == {224}
     # only DLG's control is at another scale, and the plan says so
     assert [n for n in plan.notes if "audited model at" in n][0].startswith(
         "positive control at 32 px, audited model at 224 px")
@@ -115,7 +117,7 @@ def test_a_224_px_model_gets_the_224_px_control_and_a_128_px_one_is_told_the_sca
     odd = audit.plan_audit(RunConfig(variant="resnet18", variant_options={"stem": "cifar", "width": 8}, size=128,
                                      images=["astronaut"]), "quick")
     assert {p.level.key: p.control.size for p in odd.levels if p.control is not None} == {
-        "realistic": 224, "bn_running": 224, "bn_eval": 224, "labels_inferred": 224, "fedavg": 224,
+        "realistic": 224, "bn_running": 224, "bn_eval": 224, "labels_inferred": 224, "fedavg": 32,
         "strongest": 224, "dlg": 32}
     assert any(n.startswith("positive control at 32, 224 px, audited model at 128 px") for n in odd.notes)
 

@@ -179,7 +179,8 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
             continue
         if positive_control:
             pl.control = control_config(pl.config, task, variant.num_classes, size)
-            pl.reference = reference_for(task, size, lv.preset) if pl.control is not None else None
+            pl.reference = (reference_for(task, size, lv.preset, pl.config.threat.update)
+                            if pl.control is not None else None)
         # the budget is searched only where a control can set it and no --iterations fixes it
         if pl.control is not None and iterations is None:
             pl.budgets = b.schedule(lv.preset)

@@ -12,8 +12,9 @@ report says so ("positive control at 32 px, audited model at 128 px").
 Classification: DLG's sigmoid LeNet (Zhu et al. 2019) for DLG at 32 px; the "2NN" MLP of
 McMahan et al. (2017, ReLU, dense first layer) for ``ig`` and ``gia_bn`` at 32 and at 224 px,
 because those presets do not recover the sigmoid LeNet by the leak rule even at 1,600 iterations.
-No reference leaks under DLG at 224 px within a CPU budget yet, so DLG's control stays at 32 px
-and the report says the scales differ. Detection has no reference model here yet: no detector configuration has been shown
+No reference leaks under DLG at 224 px within a CPU budget yet, and the 224 px MLP's FedAvg level
+is too slow for a control (over 12 minutes per image at 100 iterations), so those controls stay at
+32 px and the report says the scales differ. Detection has no reference model here yet: no detector configuration has been shown
 to leak at CPU budgets (docs/audit.md), so a detection level that does not leak stays
 inconclusive rather than claiming "no leak".
 """
@@ -29,23 +30,24 @@ ALL_PRESETS = ("ig", "gia_bn", "dlg")
 
 @dataclass(frozen=True)
 class Reference:
-    """A model known to leak at ``size`` px under the attacks in ``presets`` (random weights by
-    default); ``variant_options`` build it at that size."""
+    """A model known to leak at ``size`` px under the attacks in ``presets`` and the client updates
+    in ``updates`` (random weights by default); ``variant_options`` build it at that size."""
 
     variant: str
     size: int
     presets: tuple[str, ...] = ALL_PRESETS
     variant_options: dict = field(default_factory=dict)
     weights: str = "random"
+    updates: tuple[str, ...] = ("gradient", "fedavg")
 
     @property
     def label(self) -> str:
         """``<variant> at <size> px``: how the report names it."""
         return f"{self.variant} at {self.size} px"
 
-    def covers(self, preset: str) -> bool:
-        """Whether this reference was measured to leak under ``preset``."""
-        return preset in self.presets
+    def covers(self, preset: str, update: str = "gradient") -> bool:
+        """Whether this reference was measured to leak, affordably, under ``preset`` and ``update``."""
+        return preset in self.presets and update in self.updates
 
 
 # task -> the known-leaky references, each with its size; order breaks ties at equal distance
@@ -53,8 +55,9 @@ REFERENCE: dict[str, tuple[Reference, ...]] = {
     "classification": (
         Reference("lenet", 32, presets=("dlg",)),
         Reference("mlp", 32),
-        # DLG does not recover it at 224 px in 100 L-BFGS steps (6.0 dB, 2 min per image): DLG keeps 32 px
-        Reference("mlp", 224, presets=("ig", "gia_bn"), variant_options={"input_size": 224}),
+        # DLG does not recover it at 224 px in 100 L-BFGS steps (6.0 dB, 2 min per image), and FedAvg's
+        # unrolled steps take over 12 min per image at 100 iterations: those controls stay at 32 px
+        Reference("mlp", 224, presets=("ig", "gia_bn"), variant_options={"input_size": 224}, updates=("gradient",)),
     ),
 }
 
@@ -66,10 +69,10 @@ UNCHECKED = "no leak (sensitivity not checked)"
 EXACT_NOT_LEAKED = "no leak (closed form: {evidence})"
 
 
-def reference_for(task: str, size: int, preset: str) -> Reference | None:
-    """The known-leaky reference for ``task``'s attack ``preset`` at the size nearest ``size``
-    (ties: the larger size, then list order); None when none exists."""
-    found = [(i, r) for i, r in enumerate(REFERENCE.get(task, ())) if r.covers(preset)]
+def reference_for(task: str, size: int, preset: str, update: str = "gradient") -> Reference | None:
+    """The known-leaky reference for ``task``'s attack ``preset`` on a client sending ``update``, at
+    the size nearest ``size`` (ties: the larger size, then list order); None when none exists."""
+    found = [(i, r) for i, r in enumerate(REFERENCE.get(task, ())) if r.covers(preset, update)]
     if not found:
         return None
     return min(found, key=lambda ir: (abs(ir[1].size - size), -ir[1].size, ir[0]))[1]
@@ -79,7 +82,7 @@ def control_config(level_config: RunConfig, task: str, num_classes: int, size: i
     """The positive control of one audit level on a model audited at ``size`` px: the same threat
     model, attack, budget, images and seed on the task's reference for that attack and size (with
     the audited model's classes, so the labels fit); None when no reference exists."""
-    ref = reference_for(task, size, level_config.attack.preset or "ig")
+    ref = reference_for(task, size, level_config.attack.preset or "ig", level_config.threat.update)
     if ref is None:
         return None
     data = level_config.model_dump()
