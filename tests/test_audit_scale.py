@@ -112,7 +112,7 @@ def test_a_224_px_model_gets_the_224_px_control_and_a_128_px_one_is_told_the_sca
     assert {p.control.variant_options["input_size"] for p in plan.levels if p.control.size == 224} == {224}
     # only DLG's control is at another scale, and the plan says so
     assert [n for n in plan.notes if "audited model at" in n][0].startswith(
-        "positive control at 32 px, audited model at 224 px")
+        "positive control at 32 px, audited model at 224 px (level(s) 5, 7)")
 
     odd = audit.plan_audit(RunConfig(variant="resnet18", variant_options={"stem": "cifar", "width": 8}, size=128,
                                      images=["astronaut"]), "quick")

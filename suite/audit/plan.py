@@ -197,10 +197,12 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
                      f"(resized to the reference's size), on a model known to leak ({used}); a level that did "
                      "not leak reads 'no leak at this budget' only where its positive control leaked, else "
                      "'inconclusive'")
-        differ = sorted({r.size for r in refs if r.size != size})
+        differ = [p for p in levels if p.reference is not None and p.reference.size != size]
         if differ:
-            notes.append(f"positive control at {', '.join(str(d) for d in differ)} px, audited model at {size} px: "
-                         "no known-leaky reference has been measured at this size, so the nearest one stands in")
+            at = sorted({p.reference.size for p in differ})
+            notes.append(f"positive control at {', '.join(str(z) for z in at)} px, audited model at {size} px "
+                         f"(level(s) {', '.join(str(p.number) for p in differ)}): no known-leaky reference has "
+                         "been measured at this size for that attack and update, so the nearest one stands in")
         if any(p.searched for p in levels):
             notes.append(f"budgets set by sensitivity ({b.name}): per level the positive control ran at "
                          f"{b.ig_iterations:,} iterations, then doubled up to the cap until it leaked, and the "
