@@ -150,7 +150,7 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
             outcomes.append(outcome)
             iterations = _search_budget(outcome, pl, plan, client, exp_id, parent_id, out_dir, runner,
                                         progress, out)
-            outcome.iterations = iterations
+            outcome.iterations = None if pl.config.attack.closed_form else iterations  # a solve has none
             outcome.status = "FAILED"  # until it finishes (an interrupt makes it KILLED)
             _run_level(outcome, pl.at(iterations), plan, client, exp_id, parent_id, out_dir, runner, progress, out)
     return result
@@ -199,10 +199,11 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
     t0 = time.perf_counter()
     extra = {KIND_TAG: CONTROL_KIND if pl.is_control else LEVEL_KIND, "audit.level": lv.key,
              "audit.number": pl.number,
-             "audit.budget": plan.budget.name, "audit.iterations": pl.config.attack.iterations,
-             "images": ",".join(pl.config.images),
+             "audit.budget": plan.budget.name, "images": ",".join(pl.config.images),
              "assumption_level": pl.assumption_level, "mlflow.parentRunId": parent_id,
              "client_batches": "each image is its own client batch of 1"}
+    if not pl.config.attack.closed_form:
+        extra["audit.iterations"] = pl.config.attack.iterations
     tags = tracking.setting_tags(pl.config, extra)
     tags[NOTE_TAG] = describe_setting(pl.config)
     run_id = client.create_run(exp_id, tags=tags, run_name=pl.name).info.run_id
