@@ -236,7 +236,8 @@ def _run_one(entry: str, dev: str, args, env: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (each variant in a subprocess) and write JSON + markdown; ``parity``
     as the first argument runs the reference-engine comparison instead (bench/parity.py),
-    ``closed-form`` the reach of the closed-form leak (bench/closed_form.py)."""
+    ``closed-form`` the reach of the closed-form leak (bench/closed_form.py), ``references`` the
+    audit's positive-control candidates per input size (bench/references.py)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["parity"]:
         from bench.parity import main as parity_main
@@ -246,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.closed_form import main as closed_form_main
 
         return closed_form_main(argv[1:])
+    if argv[:1] == ["references"]:
+        from bench.references import main as references_main
+
+        return references_main(argv[1:])
     if argv[:1] == ["cli"]:
         from bench.cli import main as cli_main
 

@@ -94,12 +94,17 @@ def test_classifier_quick_audit_runs_the_whole_battery(workdir, store, capsys):
     assert "calibrated on data" in md and "--iterations 4" in md
     assert verdict["iterations_override"] == 4 and verdict["budget"] == "quick"
 
-    # every level ran its positive control on the DLG LeNet, shown beside the level's verdict
+    # every level ran its positive control at 32 px (the MLP; DLG's LeNet for level 7), once: --iterations
+    # fixes the budget, so there is no search; the control is shown beside the level's verdict
     for r in rows:
         assert r["positive_control_status"] == "finished" and isinstance(r["positive_control_leaked"], bool)
         assert r["verdict"] in ("leak", "no leak at this budget", "inconclusive")
         assert r["verdict"] != "no leak at this budget" or r["positive_control_leaked"]
-    assert summary["positive_control"] == "lenet"
+        assert r["iterations"] == 4 and [a["iterations"] for a in r["positive_control_attempts"]] == [4]
+        assert r["positive_control_size"] == 32
+        assert r["positive_control_variant"] == ("lenet" if r["key"] == "dlg" else "mlp")
+    assert summary["positive_control"] == "mlp, lenet"
+    assert "fixed: no search by the positive control" in md
 
     # MLflow: one parent, one FINISHED child per level and one per positive control
     client, all_children = _runs(store, summary["parent_run_id"])[0], _runs(store, summary["parent_run_id"])[2]
@@ -108,7 +113,7 @@ def test_classifier_quick_audit_runs_the_whole_battery(workdir, store, capsys):
     children = [c for c in all_children if c.data.tags["gistress.kind"] == "audit_level"]
     controls = [c for c in all_children if c.data.tags["gistress.kind"] == "audit_positive_control"]
     assert len(children) == len(audit.BATTERY) - 1 == len(controls)
-    assert {c.data.params["variant"] for c in controls} == {"lenet"}
+    assert {c.data.params["variant"] for c in controls} == {"mlp", "lenet"}
     assert {c.data.params["size"] for c in controls} == {"32"}
     assert {c.info.status for c in children} == {"FINISHED"}
     params = {c.data.params["audit_level"]: c.data.params for c in children}
@@ -178,12 +183,16 @@ def _scored(psnr: float, cfg: RunConfig, control: Scores | None = None) -> Score
     return score(target, recon, rule=leak_rule(cfg), control=control, use_lpips=False)
 
 
-def _fake_runner(psnr_by_level: dict[str, float], fail: str | None = None, interrupt: str | None = None):
-    """A run_setting stand-in: fixed PSNR per level (key from the threat/attack), no attack."""
+def _fake_runner(psnr_by_level: dict[str, float], fail: str | None = None, interrupt: str | None = None,
+                 control_leaks_from: int | None = None, calls: list | None = None):
+    """A run_setting stand-in: fixed PSNR per level (key from the threat/attack), no attack.
+
+    ``control_leaks_from``: the positive control scores 40 dB from that many iterations on, 12 dB
+    below; ``calls`` collects (variant, preset, iterations) in the order the runner was called."""
 
     def key_of(cfg: RunConfig) -> str:
         t, a = cfg.threat, cfg.attack
-        if cfg.variant == "lenet":
+        if cfg.variant in ("lenet", "mlp"):
             return "positive_control"
         if a.preset == "dlg":
             return "dlg"
@@ -204,8 +213,12 @@ def _fake_runner(psnr_by_level: dict[str, float], fail: str | None = None, inter
         if key == interrupt:
             raise KeyboardInterrupt
         on_step(0, {"matching_loss": 0.5, "psnr": 10.0})
+        if calls is not None:
+            calls.append((cfg.variant, cfg.attack.preset, cfg.attack.iterations))
         x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         p = psnr_by_level.get(key, 10.0)
+        if key == "positive_control" and control_leaks_from is not None:
+            p = 40.0 if cfg.attack.iterations >= control_leaks_from else 12.0
         ctrl = _scored(p - 3, cfg)
         sc = _scored(p, cfg, control=ctrl)  # leaked or not: the suite's leak rule decides
         rec = Reconstruction(images=x, matching_loss=0.1, restart_images=[x] * cfg.attack.restarts,
@@ -314,6 +327,18 @@ def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
     strongest = next(p.config for p in plan.levels if p.level.key == "strongest")
     assert (strongest.threat.bn_mode, strongest.threat.bn_stats) == ("train", "none")
     assert (strongest.attack.preset, strongest.attack.restarts, strongest.attack.iterations) == ("gia_bn", 2, 100)
+    # quick: each level's budget is searched by its positive control, doubling from 100 to the cap
+    budgets = {p.level.key: p.budgets for p in plan.levels}
+    assert budgets["realistic"] == budgets["strongest"] == (100, 200, 400, 800, 1600)
+    assert budgets["dlg"] == (100, 200, 400)
+    assert {p.level.key: p.reference.label for p in plan.levels} == {
+        "realistic": "mlp at 32 px", "labels_inferred": "mlp at 32 px", "fedavg": "mlp at 32 px",
+        "strongest": "mlp at 32 px", "dlg": "lenet at 32 px"}
+    assert "100-1,600 iterations (doubling until the positive control leaks" in plan.battery_lines()[0]
+    # --no-positive-control: the fixed base budget, nothing to search with
+    unchecked = audit.plan_audit(RunConfig(variant="lenet", images=["astronaut"]), "quick", positive_control=False)
+    assert {p.budgets for p in unchecked.levels} == {()}
+    assert {p.config.attack.iterations for p in unchecked.levels} == {100}
     assert "2. bn_running: skipped (no BatchNorm layers)" in plan.battery_lines()
 
     quick = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"]), "quick")
@@ -322,10 +347,13 @@ def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
     iters = {p.level.key: (p.config.attack.iterations, p.config.attack.restarts) for p in thorough.levels}
     assert "dlg" not in iters
     # every detection level checks its budget on the reference detector, at its own 32 px
-    assert {(p.control.variant, p.control.size, p.control.attack.iterations) for p in thorough.levels} == \
-        {("yolo-ref", 32, 24000), ("yolo-ref", 32, 10000)}
+    # (FedAvg's 4-step delta has no detection reference: level 5 plans none and stays inconclusive)
+    assert {(p.control.variant, p.control.size, p.control.attack.iterations) for p in thorough.levels
+            if p.level.key != "fedavg"} == {("yolo-ref", 32, 24000), ("yolo-ref", 32, 10000)}
+    assert {p.level.key for p in thorough.levels if p.control is None} == {"fedavg"}
     assert iters == {"realistic": (24000, 1), "bn_running": (10000, 1), "bn_eval": (24000, 1),
                      "fedavg": (24000, 1), "strongest": (10000, 4)}
+    assert all(len(p.budgets) <= 1 for p in thorough.levels)  # thorough keeps its fixed paper budgets
     assert {p.level.key: p.config.weights for p in thorough.levels}["bn_eval"] == "calibrated"
 
 
@@ -338,10 +366,10 @@ def test_positive_controls_decide_between_no_leak_and_inconclusive(workdir, stor
     assert rows["realistic"]["verdict"] == "no leak at this budget"
     assert rows["realistic"]["positive_control_psnr"] == pytest.approx(40.0, abs=1e-3)
     assert rows["realistic"]["positive_control_leaked"]
-    assert "No leak at this budget at level(s) 1" in caught.verdict and "reference 40.0 dB" in caught.verdict
+    assert "No leak at this budget at level(s) 1" in caught.verdict and "reference mlp 40.0 dB at 2 iterations" in caught.verdict
     assert "40.0 dB, leaked" in audit.format_table(caught.to_json()["rows"])
     md = (workdir / "a" / "report.md").read_text()
-    assert "this budget recovers the reference model lenet at 40.0 dB" in md and "your model: 10.0 dB" in md
+    assert "this budget recovers the reference model mlp at 40.0 dB" in md and "your model: 10.0 dB" in md
 
     missed = audit.run_audit(small_plan, out_dir=workdir / "b", tracking_uri=store,
                              runner=_fake_runner({"positive_control": 12.0, "strongest": 30.0}))
@@ -350,7 +378,7 @@ def test_positive_controls_decide_between_no_leak_and_inconclusive(workdir, stor
     assert missed.to_json()["inconclusive_levels"] == [k for k, r in rows.items()
                                                        if k != "strongest" and r["status"] == "finished"]
     assert "Inconclusive at level(s) 1" in missed.verdict
-    assert "did not recover even the known-leaky reference model lenet" in missed.verdict
+    assert "did not recover even the known-leaky reference model lenet, mlp at this budget" in missed.verdict
     assert "no leak at this budget" not in audit.format_table(missed.to_json()["rows"])
     _, parent, _ = _runs(store, missed.parent_run_id)
     assert parent.data.tags["verdict"] == "leaks: strongest"

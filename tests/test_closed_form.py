@@ -245,6 +245,7 @@ def test_audit_closed_form_level_leaks_on_a_tiny_vit_and_names_what_it_needed(wo
     cf = rows["closed_form"]
     assert cf["status"] == "finished" and cf["leaked"] is True and cf["verdict"] == "leak"
     assert cf["assumption_level"] == 0 and cf["positive_control_status"] is None and cf["psnr"] > 60
+    assert cf["iterations"] is None and rows["realistic"]["iterations"] == 1  # a solve has no budget
     assert "closed_form" in summary["leaking_levels"] and "closed_form" not in summary["inconclusive_levels"]
     assert "Leaks from the update alone (level 8, SoK assumption level 0)" in summary["verdict"]
     assert "residual" in summary["verdict"] and "full rank" in summary["verdict"]

@@ -191,7 +191,10 @@ def test_audit_set_restarts_plans_every_level_and_control_with_it():
     for pl in plan.levels:
         assert (pl.config.attack.restarts, pl.config.attack.iterations) == (3, 2), pl.name
         assert pl.config.threat.defense == "qsgd:8"
-        assert pl.control is not None and pl.control.attack.restarts == 3 and pl.control.variant == "lenet"
+        assert pl.control is not None and pl.control.attack.restarts == 3
+        assert pl.control.variant == ("lenet" if pl.level.key == "dlg" else "mlp")  # the 32 px references
+        # the budget search's attempts and the level at the budget they set keep the override
+        assert pl.control_level(400).config.attack.restarts == 3 and pl.at(400).config.threat.defense == "qsgd:8"
         assert pl.config.attack.preset == pl.level.preset and pl.config.attack.control  # the level's own
     strongest = next(pl for pl in plan.levels if pl.level.key == "strongest")
     assert (strongest.config.threat.bn_mode, strongest.config.threat.bn_stats) == ("eval", "exact")

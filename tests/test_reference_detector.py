@@ -14,16 +14,12 @@ from suite.execution.runner import run_setting
 
 
 def _content_gain(recon: torch.Tensor, target: torch.Tensor, region) -> float:
-    """psnr_affine of the reconstruction (best over shifts of up to 2 px) minus the PSNR of the
-    target's per-channel mean: what the reconstruction carries beyond the colour."""
-    from suite.scoring.metrics import _psnr, psnr_affine
+    """The leak rule's content gain inside the letterbox content region: psnr_affine over the
+    target's mean colour, best of +-2 px shifts (suite.scoring.leak_rule)."""
+    from suite.scoring.leak_rule import content_gain
 
     x0, y0, x1, y1 = region
-    t = target[..., y0:y1, x0:x1].float()
-    flat = t.mean(dim=(-1, -2), keepdim=True).expand_as(t)
-    best = max(psnr_affine(torch.roll(recon, (dy, dx), (-2, -1))[..., y0:y1, x0:x1].float().clamp(0, 1), t)
-               for dy in range(-2, 3) for dx in range(-2, 3))
-    return best - _psnr(flat, t)
+    return content_gain(recon[..., y0:y1, x0:x1], target[..., y0:y1, x0:x1])
 
 
 def test_quick_audit_positive_control_catches_the_reference_detector():
@@ -51,16 +47,19 @@ def test_quick_audit_positive_control_catches_the_reference_detector():
 
 def test_detection_audit_plans_the_reference_at_every_level():
     """`gistress audit --variant yolov8n --image bus --size 128 --level quick` plans a positive
-    control on yolo-ref at every detection level: same threat, attack, budget and images, at the
+    control on yolo-ref at every detection level but FedAvg: same threat, attack, budget and images, at the
     reference's own 32 px with the audited model's classes; the boxes follow the letterbox."""
     from suite import data
 
     plan = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"], size=128), "quick")
     assert plan.reference == "yolo-ref"
-    assert any("(resized to 32 px), on yolo-ref" in n for n in plan.notes)
+    assert any("on a model known to leak (yolo-ref at 32 px" in n for n in plan.notes)
     assert [p.level.key for p in plan.levels] == ["realistic", "bn_running", "bn_eval", "fedavg", "strongest"]
     for p in plan.levels:
         c = p.control
+        if p.level.key == "fedavg":  # its 4-step delta was not inverted affordably: no reference
+            assert c is None
+            continue
         assert c is not None and c.variant == "yolo-ref", p.level.key
         assert (c.size, c.weights, c.variant_options) == (32, "random", {"nc": 80})
         assert c.threat == p.config.threat and c.images == p.config.images and c.seed == p.config.seed

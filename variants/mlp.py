@@ -35,13 +35,15 @@ class MLP(nn.Module):
 
 @register("mlp", "classification", INPUT_SIZE, "2NN MLP of McMahan et al. 2017 (2 x 200, ReLU); dense first layer")
 def build_mlp(name: str, num_classes: int = 10, hidden: int = 200, depth: int = 2,
-              activation: str = "relu") -> Variant:
-    """Build the MLP at 32x32: ``depth`` hidden layers of ``hidden`` units, ``activation`` relu|sigmoid."""
+              activation: str = "relu", input_size: int = INPUT_SIZE) -> Variant:
+    """Build the MLP: ``depth`` hidden layers of ``hidden`` units, ``activation`` relu|sigmoid, on
+    ``input_size`` x ``input_size`` images (32 by default)."""
     num_classes = check_positive_int("num_classes", num_classes, name)
     hidden = check_positive_int("hidden", hidden, name)
     depth = check_positive_int("depth", depth, name)
     activation = check_choice("activation", activation, tuple(ACTIVATIONS), name)
-    net = MLP(3 * INPUT_SIZE * INPUT_SIZE, (hidden,) * depth, num_classes, activation)
-    return classifier(name, net, (CIFAR_MEAN, CIFAR_STD), INPUT_SIZE, num_classes,
+    input_size = check_positive_int("input_size", input_size, name)
+    net = MLP(3 * input_size * input_size, (hidden,) * depth, num_classes, activation)
+    return classifier(name, net, (CIFAR_MEAN, CIFAR_STD), input_size, num_classes,
                       dict(num_classes=num_classes, hidden=hidden, depth=depth, activation=activation,
-                           pretrained_source=None))
+                           input_size=input_size, pretrained_source=None))

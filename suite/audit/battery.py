@@ -27,6 +27,14 @@ Levels 1, 3, 4, 5 use the ``ig`` preset (cosine matching + total variation), 2 a
 prior-only control (same start and budget, gradient term off), so the gradient's own gain is known.
 Models without BatchNorm skip levels 2 and 3 (and level 6 keeps train mode); detection skips 4 and 7.
 
+Budgets: ``quick`` sets each level's budget by sensitivity. The level's positive control (the same
+level on a known-leaky reference model at the audited input size, ``positive_control.py``) runs at
+100 iterations, then 200, 400, ... up to the cap (1,600 for ``ig`` and ``gia_bn``, 400 L-BFGS
+steps for ``dlg``) until it leaks; the audited model then runs at that budget. A level whose
+control never leaks within the cap runs at the cap and stays inconclusive. ``thorough`` keeps its
+fixed paper budgets (its controls run once at them); ``--iterations N`` fixes every level's
+budget (no search); ``--no-positive-control`` runs the fixed base budget.
+
 Client batches: each audited image is attacked as its own client batch of 1, the setting most
 favourable to the attacker and the usual audit choice. Per level, BRR is the fraction of images
 whose reconstruction (the restart the attacker picks by matching loss) leaked, and WSRR is the
@@ -112,7 +120,13 @@ BATTERY: tuple[ThreatLevel, ...] = (
 
 @dataclass(frozen=True)
 class Budget:
-    """How hard every level tries. ``size_cap`` None: the variant's own input size."""
+    """How hard every level tries. ``size_cap`` None: the variant's own input size.
+
+    ``*_iterations`` are the base budgets. Where a ``*_cap`` is set (``quick``), the budget is set
+    by sensitivity: the level's positive control runs at the base budget, then at double that, and
+    so on up to the cap, and the audited model runs at the first budget at which the control leaked
+    (at the cap when none did, and the level then stays inconclusive). No cap: the base budget is
+    fixed (``thorough``, whose controls still run once at that budget)."""
 
     name: str
     ig_iterations: int              # levels with preset ig (1, 3, 4, 5)
@@ -123,20 +137,51 @@ class Budget:
     default_images: int
     size_cap: int | None
     meant_for: str
+    ig_cap: int | None = None       # the sensitivity search's cap per preset (None: fixed budget)
+    gia_bn_cap: int | None = None
+    dlg_cap: int | None = None
+
+    def iterations_for(self, preset: str) -> int:
+        """The base budget of a level with attack ``preset``."""
+        return {"gia_bn": self.gia_bn_iterations, "dlg": self.dlg_iterations}.get(preset, self.ig_iterations)
+
+    def cap_for(self, preset: str) -> int | None:
+        """The sensitivity search's cap for ``preset``; None: the base budget is fixed."""
+        return {"gia_bn": self.gia_bn_cap, "dlg": self.dlg_cap}.get(preset, self.ig_cap)
+
+    def schedule(self, preset: str) -> tuple[int, ...]:
+        """The budgets a level's positive control tries, in order: the base budget doubled up to
+        the cap (100, 200, 400, 800, 1600), or the base budget alone where it is fixed."""
+        n, cap = self.iterations_for(preset), self.cap_for(preset)
+        out = [n]
+        while cap is not None and out[-1] * 2 <= cap:
+            out.append(out[-1] * 2)
+        return tuple(out)
 
     def describe(self) -> str:
         """One line for the report."""
         size = f"the variant's input size capped at {self.size_cap} px" if self.size_cap else \
             "the variant's full input size"
         imgs = f"at most {self.max_images} images" if self.max_images else "every requested image"
-        return (f"{self.name}: preset ig {self.ig_iterations:,} iterations, preset gia_bn "
-                f"{self.gia_bn_iterations:,} iterations, preset dlg {self.dlg_iterations:,} L-BFGS steps; 1 restart, level 6 {self.strongest_restarts} restarts; "
+        if self.ig_cap:
+            iters = (f"set by sensitivity: each level's positive control starts at {self.ig_iterations:,} "
+                     f"iterations (preset dlg: {self.dlg_iterations:,} L-BFGS steps) and doubles until it "
+                     f"leaks, up to {self.ig_cap:,} (ig), {self.gia_bn_cap:,} (gia_bn) and {self.dlg_cap:,} (dlg); "
+                     "the level runs at the first budget its control leaked at")
+        else:
+            iters = (f"fixed: preset ig {self.ig_iterations:,} iterations, preset gia_bn "
+                     f"{self.gia_bn_iterations:,} iterations, preset dlg {self.dlg_iterations:,} L-BFGS steps")
+        return (f"{self.name}: {iters}; 1 restart, level 6 {self.strongest_restarts} restarts; "
                 f"{imgs} (default {self.default_images}); {size}; meant for {self.meant_for}")
 
 
+# quick's caps: measured (docs/audit.md, "Positive controls"): the MLP references leak at the base
+# budget; 1,600 ig/gia_bn steps cost the sigmoid LeNet about 10-50 s per image at 32 px, and the
+# audited model runs at the budget its control needed, so the cap bounds the audit's cost too.
 BUDGETS: dict[str, Budget] = {
     "quick": Budget("quick", ig_iterations=100, gia_bn_iterations=100, dlg_iterations=100, strongest_restarts=2, max_images=2,
-                    default_images=2, size_cap=256, meant_for="a laptop CPU (minutes)"),
+                    default_images=2, size_cap=256, meant_for="a laptop CPU (minutes)",
+                    ig_cap=1_600, gia_bn_cap=1_600, dlg_cap=400),
     "thorough": Budget("thorough", ig_iterations=24_000, gia_bn_iterations=10_000, dlg_iterations=1_200,
                        strongest_restarts=4,
                        max_images=None, default_images=8, size_cap=None,

@@ -3,7 +3,10 @@
 ``plan_audit`` builds the variant once and loads the images, so a bad variant, option,
 checkpoint, image name or device fails with a one-line GistressError before any folder or MLflow
 run exists. Each planned level carries its config (all audited images), its SoK assumption
-level (``RunConfig.assumption_level``, computed here once per level) and its positive control.
+level (``RunConfig.assumption_level``, computed here once per level), its positive control (the
+reference model for its attack at the size nearest the audited one) and its budget schedule: the
+iterations the control tries in order (``Budget.schedule``; one entry where the budget is fixed).
+Running the schedule (control first, then the audited model at the budget it set) is ``run.py``'s.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from suite.audit.battery import BATTERY, REALISTIC, Budget, ThreatLevel, budget_for
-from suite.audit.positive_control import control_config, reference_for, reference_size
+from suite.audit.positive_control import Reference, control_config, reference_for
 from suite.config import RunConfig, first_error
 from suite.errors import GistressError
 from suite.keys import deep_merge, nest
@@ -30,19 +33,38 @@ class PlannedLevel:
     notes: list[str] = field(default_factory=list)
     control: RunConfig | None = None  # the positive control: same level on the reference model
     is_control: bool = False          # this entry *is* a positive control
+    budgets: tuple[int, ...] = ()     # the iterations the control tries in order (empty: the config's)
+    reference: Reference | None = None  # the reference model the control runs on
 
     @property
     def name(self) -> str:
-        """The child run's name: ``<number>. <level>``, plus the reference model for a control."""
+        """The child run's name: ``<number>. <level>``, plus the reference model and budget for a control."""
         base = f"{self.number}. {self.level.key}"
-        return f"{base} · positive control ({self.config.variant})" if self.is_control else base
+        if self.is_control:
+            return f"{base} · positive control ({self.config.variant}, {self.config.attack.iterations} it)"
+        return base
 
-    def control_level(self) -> PlannedLevel | None:
-        """The positive control as a plannable level of its own (its own child run)."""
+    @property
+    def searched(self) -> bool:
+        """Whether the budget is set by the positive control (more than one budget to try)."""
+        return len(self.budgets) > 1
+
+    def at(self, iterations: int) -> PlannedLevel:
+        """This level with its budget set to ``iterations`` (the control's config too)."""
+        return PlannedLevel(self.number, self.level, _with_iterations(self.config, iterations), self.assumption_level,
+                            notes=list(self.notes), control=None if self.control is None else
+                            _with_iterations(self.control, iterations), is_control=self.is_control,
+                            budgets=(iterations,), reference=self.reference)
+
+    def control_level(self, iterations: int | None = None) -> PlannedLevel | None:
+        """The positive control as a plannable level of its own (its own child run), at
+        ``iterations`` (default: its planned budget)."""
         if self.control is None:
             return None
-        return PlannedLevel(self.number, self.level, self.control, self.assumption_level,
-                            notes=[f"positive control on {self.control.variant}"], is_control=True)
+        cfg = self.control if iterations is None else _with_iterations(self.control, iterations)
+        return PlannedLevel(self.number, self.level, cfg, self.assumption_level,
+                            notes=[f"positive control on {cfg.variant} at {cfg.size} px"], is_control=True,
+                            budgets=(cfg.attack.iterations,), reference=self.reference)
 
     def client_configs(self) -> list[RunConfig]:
         """One config per client batch: each image on its own (batch of 1)."""
@@ -65,7 +87,7 @@ class AuditPlan:
     notes: list[str]
     iterations_override: int | None = None
     positive_control: bool = True     # run each level's positive control (--no-positive-control: off)
-    reference: str | None = None      # the known-leaky reference model, when the task has one
+    reference: str | None = None      # the known-leaky reference model(s), named, when the task has one
     overrides: list[str] = field(default_factory=list)  # the user's --set items (tag audit.set)
 
     def battery_lines(self) -> list[str]:
@@ -82,9 +104,9 @@ class AuditPlan:
                 lines.append(f"{n}. {lv.key}: {lv.grants} [bn_mode={t.bn_mode}, update={t.update}"
                              + (f" x{t.local_steps} steps lr {t.local_lr}" if t.update == "fedavg" else "")
                              + f", shares_labels={str(t.shares_labels).lower()}, bn_stats={t.bn_stats}, "
-                             f"preset={a.preset}, {a.iterations} iterations x {a.restarts} restart(s), "
+                             f"preset={a.preset}, {_budget_words(planned[n])} x {a.restarts} restart(s), "
                              f"weights={planned[n].config.weights}, control on"
-                             + (f", positive control on {planned[n].control.variant}" if planned[n].control else "")
+                             + (f", positive control on {planned[n].reference.label}" if planned[n].control else "")
                              + "]")
             else:
                 lines.append(f"{n}. {lv.key}: skipped ({skipped.get(n, 'not planned')})")
@@ -132,8 +154,8 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
     data.load(base.data, task=task, size=size, images=images, num_classes=variant.num_classes, seed=base.seed)
     if iterations is not None:
         notes.append(f"budget overridden with --iterations {iterations}: every level ran {iterations} "
-                     f"iterations instead of the {b.name} budget's; not comparable to a standard "
-                     f"{b.name} audit")
+                     f"iterations instead of the {b.name} budget's (fixed: no search by the positive "
+                     f"control); not comparable to a standard {b.name} audit")
 
     levels: list[PlannedLevel] = []
     skipped: list[tuple[int, ThreatLevel, str]] = []
@@ -156,14 +178,38 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
             levels.append(pl)  # its residual is its evidence: no positive control
             continue
         if positive_control:
-            pl.control = control_config(pl.config, task, variant.num_classes)
+            pl.control = control_config(pl.config, task, variant.num_classes, size)
+            pl.reference = (reference_for(task, size, lv.preset, pl.config.threat.update)
+                            if pl.control is not None else None)
+        # the budget is searched only where a control can set it and no --iterations fixes it
+        if pl.control is not None and iterations is None:
+            pl.budgets = b.schedule(lv.preset)
         levels.append(pl)
-    reference = reference_for(task)
-    if positive_control and reference:
+    refs: list[Reference] = []
+    for p in levels:
+        if p.reference is not None and p.reference not in refs:
+            refs.append(p.reference)
+    reference = ", ".join(r.variant for r in refs) or None
+    if positive_control and refs:
+        used = "; ".join(f"{r.label} for preset(s) {', '.join(sorted({p.level.preset for p in levels if p.reference == r}))}"
+                         for r in refs)
         notes.append(f"positive controls: every level also ran, at the same budget and on the same images "
-                     f"(resized to {reference_size(task)} px), on {reference}, a model known to leak; a level that did not leak "
-                     "reads 'no leak at this budget' only where its positive control leaked, else "
+                     f"(resized to the reference's size), on a model known to leak ({used}); a level that did "
+                     "not leak reads 'no leak at this budget' only where its positive control leaked, else "
                      "'inconclusive'")
+        differ = [p for p in levels if p.reference is not None and p.reference.size != size]
+        if differ:
+            at = sorted({p.reference.size for p in differ})
+            notes.append(f"positive control at {', '.join(str(z) for z in at)} px, audited model at {size} px "
+                         f"(level(s) {', '.join(str(p.number) for p in differ)}): no known-leaky reference has "
+                         "been measured at this size for that attack and update, so the nearest one stands in")
+        if any(p.searched for p in levels):
+            notes.append(f"budgets set by sensitivity ({b.name}): per level the positive control ran at "
+                         f"{b.ig_iterations:,} iterations, then doubled up to the cap until it leaked, and the "
+                         "audited model ran at the first budget its control leaked at (at the cap if it never "
+                         "did: that level stays inconclusive); each row's budget column says which")
+        elif b.cap_for("ig") is None:
+            notes.append(f"the {b.name} budget is fixed (paper scale); each positive control ran once at it")
     elif positive_control:
         notes.append(f"positive controls: no known-leaky reference model exists for {task} yet, so a level "
                      "that did not leak is reported 'inconclusive', not 'no leak'")
@@ -183,7 +229,7 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
                      "that checkpoint with --weights file:<path>")
     return AuditPlan(base=base, budget=b, images=images, size=size, task=task, has_bn=model_has_bn, levels=levels,
                      skipped=skipped, notes=notes, iterations_override=iterations,
-                     positive_control=positive_control, reference=reference_for(task) if positive_control else None)
+                     positive_control=positive_control, reference=reference if positive_control else None)
 
 
 def _closed_form_fit(variant, size: int, task: str) -> tuple[str | None, str]:
@@ -212,7 +258,7 @@ def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images
     if lv.strongest and not has_bn:
         threat = dict(REALISTIC)  # eval mode would only switch dropout off; no BN stats exist
         notes.append("no BatchNorm: train mode, no BN statistics")
-    iters = iterations or {"gia_bn": b.gia_bn_iterations, "dlg": b.dlg_iterations}.get(lv.preset, b.ig_iterations)
+    iters = iterations or b.iterations_for(lv.preset)
     restarts = b.strongest_restarts if lv.strongest else 1
     attack = dict(preset=lv.preset, iterations=iters, restarts=restarts, control=not lv.closed_form)
     weights = base.weights
@@ -223,6 +269,20 @@ def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images
                        "threat": threat, "attack": attack})
     level = cfg.assumption_level(task, has_bn=has_bn)
     return PlannedLevel(number=number, level=lv, config=cfg, assumption_level=level, notes=notes)
+
+
+def _with_iterations(cfg: RunConfig, iterations: int) -> RunConfig:
+    """``cfg`` with ``attack.iterations`` set (re-validated, as every config here is)."""
+    data = cfg.model_dump()
+    return RunConfig(**{**data, "attack": {**data["attack"], "iterations": iterations}})
+
+
+def _budget_words(pl: PlannedLevel) -> str:
+    """A level's budget in the battery lines: fixed, or the control's search from base to cap."""
+    if pl.searched:
+        return (f"{pl.budgets[0]}-{pl.budgets[-1]:,} iterations (doubling until the positive control "
+                "leaks; the level runs at that budget)")
+    return f"{pl.config.attack.iterations} iterations"
 
 
 def fixed_keys() -> set[str]:

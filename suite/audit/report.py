@@ -35,7 +35,9 @@ def write_report(result: AuditOutcome) -> dict[str, Path]:
 
     csv_path = out_dir / "verdict.csv"
     with csv_path.open("w", newline="") as fh:
-        keys = [k for k, _ in COLUMNS] + ["upper_bound", "control_psnr", "status", "n_images", "run_id"]
+        keys = [k for k, _ in COLUMNS] + ["upper_bound", "control_psnr", "positive_control_variant",
+                                          "positive_control_size", "positive_control_search", "status", "n_images",
+                                          "run_id"]
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -143,13 +145,19 @@ def report_blocks(result: AuditOutcome, rows: list[dict]) -> list[tuple]:
                            + (f", LPIPS {s.lpips:.3f}" if s.lpips is not None else "")
                            + f", leaked {'yes' if s.leaked else 'no'}" for label, s in o.best_and_median())
         text = f"{o.level.grants}. {picked}."
+        if o.iterations is not None:
+            searched = o.control_attempts and plan.budget.cap_for(o.level.preset) and not plan.iterations_override
+            text += f" Budget: {o.iterations:,} iterations" + (" (set by its positive control)." if searched else ".")
         if o.positive is not None:
-            if o.positive.status == "FINISHED":
-                text += (f" Positive control: this budget recovers the reference model {o.positive.config_variant} "
-                         f"at {o.positive.median('psnr'):.1f} dB (leaked: {'yes' if o.positive.leaked else 'no'}); "
-                         f"your model: {o.median('psnr'):.1f} dB. Verdict: {o.verdict}.")
+            p = o.positive
+            scale = (f" Positive control at {p.config_size} px, audited model at {plan.size} px."
+                     if p.config_size not in (None, plan.size) else "")
+            if p.status == "FINISHED":
+                text += (f" Positive control: this budget recovers the reference model {p.config_variant} "
+                         f"at {p.median('psnr'):.1f} dB (leaked: {'yes' if p.leaked else 'no'}; {o.attempts_text()}); "
+                         f"your model: {o.median('psnr'):.1f} dB.{scale} Verdict: {o.verdict}.")
             else:
-                text += f" Positive control {status_text(o.positive)}. Verdict: {o.verdict}."
+                text += f" Positive control {o.attempts_text()}.{scale} Verdict: {o.verdict}."
         if o.tags.get("calibrated_on"):
             text += f" BN statistics calibrated on {o.tags['calibrated_on']}."
         if o.tags.get("inferred_labels"):

@@ -3,6 +3,10 @@
 The parent run's lifecycle (tags, SIGTERM, terminal status, exit code) is
 ``suite.execution.lifecycle``'s, shared with ``gistress study`` and ``gistress attack``. A level
 runs each audited image as its own client batch of 1 through ``run_setting`` (or a stand-in).
+
+Per level the positive control runs first: at each budget of the level's schedule in turn
+(``PlannedLevel.budgets``: 100, 200, 400, ... up to the cap at ``quick``), each attempt its own
+child run, until it leaks; then the audited model runs at the budget the control stopped at.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class AuditOutcome:
             "leaking_levels": leaking,
             "inconclusive_levels": [o.level.key for o in self.outcomes if o.verdict == INCONCLUSIVE],
             "positive_control": self.plan.reference if self.plan.positive_control else None,
+            "budgets": {o.level.key: o.iterations for o in self.outcomes if o.iterations is not None},
             "verdict": self.verdict,
             "columns": [k for k, _ in COLUMNS],
             "rows": verdict_rows(self.outcomes),
@@ -138,18 +143,42 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
                 outcomes.append(LevelOutcome(number, lv, "SKIPPED", error=skipped[number]))
                 continue
             pl = planned[number]
-            outcome = LevelOutcome(number, lv, "FAILED", assumption_level=pl.assumption_level,
+            # NOT RUN until the audited model runs: an interrupt during its control reports it so
+            outcome = LevelOutcome(number, lv, "NOT RUN", assumption_level=pl.assumption_level,
                                    upper_bound=pl.config.upper_bound, notes=list(pl.notes),
                                    control_expected=plan.positive_control)
-            outcomes.append(outcome)  # before it runs, so an interrupt reports it KILLED
-            _run_level(outcome, pl, plan, client, exp_id, parent_id, out_dir, runner, progress, out)
-            pc = pl.control_level()
-            if pc is not None:
-                outcome.positive = LevelOutcome(number, lv, "FAILED", assumption_level=pl.assumption_level,
-                                                upper_bound=pc.config.upper_bound,
-                                                config_variant=pc.config.variant)
-                _run_level(outcome.positive, pc, plan, client, exp_id, parent_id, out_dir, runner, progress, out)
+            outcomes.append(outcome)
+            iterations = _search_budget(outcome, pl, plan, client, exp_id, parent_id, out_dir, runner,
+                                        progress, out)
+            outcome.iterations = None if pl.config.attack.closed_form else iterations  # a solve has none
+            outcome.status = "FAILED"  # until it finishes (an interrupt makes it KILLED)
+            _run_level(outcome, pl.at(iterations), plan, client, exp_id, parent_id, out_dir, runner, progress, out)
     return result
+
+
+def _search_budget(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client, exp_id: str,
+                   parent_id: str, out_dir: Path, runner, progress: bool, out) -> int:
+    """Run the level's positive control at each budget of its schedule until it leaks (or fails);
+    every attempt is kept (``outcome.control_attempts``), the last is ``outcome.positive``.
+    Returns the budget the audited model runs at: where the control stopped, or the planned
+    budget when the level has no control."""
+    budgets = pl.budgets or (pl.config.attack.iterations,)
+    if pl.control is None:
+        return budgets[0]
+    for iterations in budgets:
+        pc = pl.control_level(iterations)
+        attempt = LevelOutcome(pl.number, pl.level, "FAILED", assumption_level=pl.assumption_level,
+                               upper_bound=pc.config.upper_bound, config_variant=pc.config.variant,
+                               config_size=pc.config.size, iterations=iterations)
+        outcome.control_attempts.append(attempt)
+        outcome.positive = attempt
+        _run_level(attempt, pc, plan, client, exp_id, parent_id, out_dir, runner, progress, out)
+        if attempt.status != "FINISHED" or attempt.leaked:
+            break
+    outcome.tags["audit.control_attempts"] = ",".join(
+        f"{a.iterations}:{'leaked' if a.leaked else 'missed' if a.status == 'FINISHED' else a.status.lower()}"
+        for a in outcome.control_attempts)
+    return outcome.positive.iterations
 
 
 def _safe(name: str) -> str:
@@ -173,14 +202,18 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
              "audit.budget": plan.budget.name, "images": ",".join(pl.config.images),
              "assumption_level": pl.assumption_level, "mlflow.parentRunId": parent_id,
              "client_batches": "each image is its own client batch of 1"}
+    if not pl.config.attack.closed_form:
+        extra["audit.iterations"] = pl.config.attack.iterations
     tags = tracking.setting_tags(pl.config, extra)
     tags[NOTE_TAG] = describe_setting(pl.config)
     run_id = client.create_run(exp_id, tags=tags, run_name=pl.name).info.run_id
     outcome.run_id = run_id
     handle = tracking.SettingRun(client, run_id, pl.config)
-    level_dir = out_dir / "levels" / (f"{pl.number}_{lv.key}" + ("_positive_control" if pl.is_control else ""))
+    iters = pl.config.attack.iterations
+    level_dir = out_dir / "levels" / (f"{pl.number}_{lv.key}" + (f"_positive_control_{iters}" if pl.is_control else ""))
     n = len(BATTERY)
-    label = f"{lv.key} · positive control ({pl.config.variant})" if pl.is_control else lv.key
+    label = (f"{lv.key} · positive control ({pl.config.variant}, {pl.config.size} px, {iters} it)" if pl.is_control
+             else f"{lv.key} ({iters} it)")
     try:
         with terminal_status(client, run_id):
             params = tracking.setting_params(pl.config)
@@ -287,6 +320,9 @@ def _finish(result: AuditOutcome, client) -> None:
                        ("leaks: " + ",".join(leaking)) if leaking else
                        ("inconclusive: " + ",".join(unsure)) if unsure else "no leak" if finished else "no verdict")
         client.set_tag(result.parent_run_id, NOTE_TAG, tag_value(result.verdict))
+        budgets = [f"{o.number}:{o.iterations}" for o in result.outcomes if o.iterations is not None]
+        if budgets:
+            client.set_tag(result.parent_run_id, "audit.iterations", " ".join(budgets))
         counts: dict[str, int] = {}
         for o in result.outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1

@@ -29,6 +29,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ssim", "SSIM (median)"),
     ("lpips", "LPIPS (median)"),
     ("gain_psnr", "gain dB (median)"),
+    ("iterations", "budget (iterations)"),
     ("positive_control", "positive control"),
     ("leaked", "leaked"),
 )
@@ -80,9 +81,28 @@ class LevelOutcome:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     figure: Path | None = None
-    positive: LevelOutcome | None = None   # the positive control's outcome (same level, reference model)
+    positive: LevelOutcome | None = None   # the positive control's last attempt (same level, reference model)
     config_variant: str | None = None      # the variant this outcome attacked
     control_expected: bool = False         # positive controls were asked for
+    iterations: int | None = None          # the budget this outcome ran at (a level: the one its control set)
+    config_size: int | None = None         # the input size this outcome attacked (controls: the reference's)
+    control_attempts: list[LevelOutcome] = field(default_factory=list)  # the control at each budget tried
+
+    def attempts_text(self) -> str | None:
+        """The positive control's search in words: "leaked at 400 after missing at 100, 200", "missed
+        at every budget up to 1,600 (100, 200, ...)", "leaked at 100"; None without a control."""
+        tries = self.control_attempts
+        if not tries:
+            return None
+        last, before = tries[-1], [f"{a.iterations:,}" for a in tries[:-1]]
+        after = f" after missing at {', '.join(before)}" if before else ""
+        if last.status != "FINISHED":
+            return f"{status_text(last)} at {last.iterations:,}{after}"
+        if last.leaked:
+            return f"leaked at {last.iterations:,}{after}"
+        if before:
+            return f"missed at every budget up to {last.iterations:,} ({', '.join(before)}, {last.iterations:,})"
+        return f"missed at {last.iterations:,}"
 
     @property
     def verdict(self) -> str | None:
@@ -210,10 +230,17 @@ def verdict_rows(outcomes: list[LevelOutcome]) -> list[dict]:
             "lpips": lp if lp is not None else ("missing" if finished else None),
             "gain_psnr": o.median("gain_psnr") if finished else None,
             "control_psnr": o.median("control_psnr") if finished else None,
+            "iterations": o.iterations,
             "positive_control": _positive_psnr(o),  # the reference model's median PSNR at this level
             "positive_control_psnr": _positive_psnr(o),
             "positive_control_leaked": None if o.positive is None else o.positive.leaked,
             "positive_control_status": None if o.positive is None else status_text(o.positive),
+            "positive_control_variant": None if o.positive is None else o.positive.config_variant,
+            "positive_control_size": None if o.positive is None else o.positive.config_size,
+            "positive_control_search": o.attempts_text(),
+            "positive_control_attempts": [
+                {"iterations": a.iterations, "psnr": a.median("psnr") if a.status == "FINISHED" else None,
+                 "leaked": a.leaked, "status": status_text(a), "run_id": a.run_id} for a in o.control_attempts],
             "leaked": o.leaked,
             "verdict": o.verdict,
             "status": status_text(o),
@@ -234,7 +261,8 @@ def _positive_cell(r: dict) -> str:
         return "-"
     if r["positive_control_psnr"] is None:
         return r["positive_control_status"]
-    return f"{r['positive_control_psnr']:.1f} dB, {'leaked' if r['positive_control_leaked'] else 'missed'}"
+    search = r.get("positive_control_search") or ("leaked" if r["positive_control_leaked"] else "missed")
+    return f"{r['positive_control_psnr']:.1f} dB, {search}"
 
 
 def status_text(o: LevelOutcome) -> str:
@@ -266,6 +294,7 @@ def display_rows(rows: list[dict]) -> list[dict[str, str]]:
             "ssim": _fmt(r["ssim"], 3),
             "lpips": r["lpips"] if isinstance(r["lpips"], str) else _fmt(r["lpips"], 3),
             "gain_psnr": _fmt(r["gain_psnr"], 2, signed=True),
+            "iterations": "-" if r.get("iterations") is None else f"{r['iterations']:,}",
             "positive_control": _positive_cell(r),
             "leaked": ("yes" if r["leaked"] else r["verdict"]) if done else r["status"],
         }
@@ -347,16 +376,25 @@ def _sensitivity_sentences(plan: AuditPlan, finished: list[LevelOutcome]) -> lis
     open_ = [o for o in quiet if o.verdict == INCONCLUSIVE]
     out = []
     if confirmed:
-        shown = "; ".join(f"level {o.number}: reference {_positive_psnr(o):.1f} dB, this model "
-                          f"{o.median('psnr'):.1f} dB" for o in confirmed)
+        shown = "; ".join(f"level {o.number}: reference {o.positive.config_variant} {_positive_psnr(o):.1f} dB at "
+                          f"{o.iterations:,} iterations, this model {o.median('psnr'):.1f} dB" for o in confirmed)
         out.append(f"No leak at this budget at level(s) {', '.join(str(o.number) for o in confirmed)}: the same "
-                   f"attack and budget recovered the known-leaky reference model {plan.reference} there ({shown}).")
+                   f"attack and budget recovered a known-leaky reference model there ({shown}).")
     if open_:
-        why = (f"the same attack and budget did not recover even the known-leaky reference model {plan.reference}"
-               if plan.reference else f"no known-leaky reference model exists for {plan.task} to show that this "
+        names = sorted({o.positive.config_variant for o in open_ if o.positive is not None})
+        capped = [o.iterations for o in open_ if len(o.control_attempts) > 1]
+        why = (f"the same attack did not recover even the known-leaky reference model {', '.join(names)}"
+               + (f" at any budget up to {max(capped):,} iterations" if capped else " at this budget")
+               if names else f"no known-leaky reference model exists for {plan.task} to show that this "
                "budget catches a leak")
         out.append(f"Inconclusive at level(s) {', '.join(str(o.number) for o in open_)}: {why}, so the budget is "
                    "too small to tell; use a larger budget (--level thorough) before reading these as 'no leak'.")
+    sizes = sorted({o.positive.config_size for o in quiet if o.positive is not None
+                    and o.positive.config_size not in (None, plan.size)})
+    if sizes:
+        out.append(f"Positive control at {', '.join(str(z) for z in sizes)} px, audited model at {plan.size} px: no "
+                   "known-leaky reference exists at this size, so the control shows the budget catches a leak "
+                   "at another scale only.")
     return out
 
 

@@ -14,8 +14,8 @@ AUDIT_FLAGS = ("--variant", "--stem", "--width", "--num-classes", "--nc", "--opt
 AUDIT_HELPS = {
     "--image": "audit this image (repeat or comma-separate); instead of --images",
     "--size": "input size in pixels (default: set by --level)",
-    "--iterations": "every level's iterations instead of the budget's (tests, smoke runs; recorded in "
-                    "the report)",
+    "--iterations": "every level's iterations instead of the budget's, fixed: no search by the positive "
+                    "controls (tests, smoke runs; recorded in the report)",
 }
 SET_HELP = ("set a run-config key for every level, e.g. --set attack.restarts=2 or --set threat.defense=qsgd:8 "
             "(repeatable; the value is read as YAML). Applied after the flags, so --set wins over the flag "
@@ -38,10 +38,13 @@ def add_parser(sub):
     groups["data"].add_argument("--images", type=int, metavar="N",
                                 help="audit the first N images of the source (default: 2 quick, 8 thorough)")
     b = p.add_argument_group("audit")
-    b.add_argument("--level", default="quick", help="quick (laptop CPU, minutes) | thorough (GPU, paper scale)")
+    b.add_argument("--level", default="quick",
+                   help="quick (laptop CPU, minutes; each level's budget doubles from 100 until its positive "
+                        "control leaks, up to a cap) | thorough (GPU, fixed paper-scale budgets)")
     b.add_argument("--no-positive-control", action="store_true",
                    help="skip each level's positive control (the same attack and budget on a known-leaky "
-                        "reference model); without it 'no leak' is unchecked")
+                        "reference model at the audited size); without it 'no leak' is unchecked and the "
+                        "fixed base budget runs")
     add_set_flag(b, SET_HELP)
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default gistress-out/audit-<time>)")
