@@ -188,7 +188,7 @@ def check_options(entry_name: str, builder, options: dict) -> None:
     valid = [p for p in sig.parameters if p != "name"]
     for key in options:
         if key not in valid:
-            near = close_matches(key, valid)
+            near = close_matches(key, valid, n=1)  # one suggestion: the nearest
             extra = f"did you mean '{near}'? " if near else ""
             raise GistressError(
                 f"unknown option '{key}' for variant '{entry_name}'",
