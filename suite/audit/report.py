@@ -67,9 +67,9 @@ def _rule_in_words(result: AuditOutcome) -> str:
     used = next((o.leak_rule for o in result.outcomes if o.leak_rule), None)
     if used:
         return used
-    from suite.scoring.leak_rule import LeakRule
+    from suite.execution.runner import leak_rule
 
-    return LeakRule(**result.plan.base.leak.model_dump()).describe(lpips_available=True, control=True)
+    return leak_rule(result.plan.base).describe(lpips_available=True, control=True)
 
 
 def _meta(result: AuditOutcome) -> dict:

@@ -77,15 +77,15 @@ def _psnr_db(mse: torch.Tensor) -> float:
     return float(-10.0 * torch.log10(mse.clamp_min(1e-10)))
 
 
-def _affine_mse(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE after the least-squares gain and offset per channel of recon onto target, clamped to
-    [0, 1] like the images themselves (float64, (C, N) inputs)."""
+def fit_levels(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``recon`` after the least-squares gain and offset per channel onto ``target``, clamped to
+    [0, 1] like the images themselves (``(..., N)`` inputs, channels in the leading dimensions;
+    a flat channel gets gain 0, i.e. the target's mean). What ``metrics.psnr_affine`` scores."""
     rc = recon - recon.mean(-1, keepdim=True)
     var = (rc * rc).mean(-1, keepdim=True)
     cov = (rc * (target - target.mean(-1, keepdim=True))).mean(-1, keepdim=True)
     gain = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.zeros_like(var))
-    fitted = (target.mean(-1, keepdim=True) + gain * rc).clamp(0, 1)
-    return ((fitted - target) ** 2).mean()
+    return (target.mean(-1, keepdim=True) + gain * rc).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -107,5 +107,5 @@ def content_gain(recon: torch.Tensor, target: torch.Tensor, max_shift: int = DEF
             rr = r[:, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)].flatten(1)
             tt = t[:, max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)].flatten(1)
             trivial = ((tt - tt.mean(-1, keepdim=True)) ** 2).mean()
-            best = max(best, _psnr_db(_affine_mse(rr, tt)) - _psnr_db(trivial))
+            best = max(best, _psnr_db(((fit_levels(rr, tt) - tt) ** 2).mean()) - _psnr_db(trivial))
     return best

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from suite.errors import GistressError
 from suite.results import Scores
-from suite.scoring.leak_rule import DEFAULT_RULE, LeakRule, content_gain
+from suite.scoring.leak_rule import DEFAULT_RULE, LeakRule, content_gain, fit_levels
 
 PSNR_CAP = 100.0
 """PSNR reported for (near-)identical images, in dB; all PSNRs are capped here."""
@@ -177,14 +177,8 @@ def psnr_affine(recon: torch.Tensor, target: torch.Tensor) -> float:
     after the stem): the attack then recovers the content but not the levels, and raw PSNR misses
     it. Six fitted numbers cannot turn noise into an image, so this stays at the raw PSNR of noise.
     """
-    r = recon.double().flatten(2)                     # (1, C, N)
-    t = target.double().flatten(2)
-    rc, tc = r - r.mean(-1, keepdim=True), t - t.mean(-1, keepdim=True)
-    var = (rc * rc).mean(-1, keepdim=True)
-    gain = torch.where(var > 1e-12, (rc * tc).mean(-1, keepdim=True) / var.clamp_min(1e-12),
-                       torch.zeros_like(var))
-    fitted = (t.mean(-1, keepdim=True) + gain * rc).clamp(0, 1).float().reshape(recon.shape)
-    return _psnr(fitted, target)
+    fitted = fit_levels(recon.double().flatten(2), target.double().flatten(2))  # (1, C, N)
+    return _psnr(fitted.float().reshape(recon.shape), target)
 
 
 def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -302,6 +296,14 @@ def score(
     )
 
 
+def _unmatched_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a (an iterate; NaN/inf mapped into range) and b, both clamped to [0, 1], for the per-step
+    per-sample scores that compare a[i] with b[i] without matching."""
+    _check_pair(b, a)
+    a = torch.nan_to_num(a.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+    return a, b.detach().float().to(a.device).clamp(0, 1)
+
+
 @torch.no_grad()
 def psnr_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """PSNR (dB, capped at ``PSNR_CAP``) of a[i] vs b[i] over whole images; no matching, no LPIPS.
@@ -310,9 +312,7 @@ def psnr_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    _check_pair(b, a)
-    a = torch.nan_to_num(a.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
-    b = b.detach().float().to(a.device).clamp(0, 1)
+    a, b = _unmatched_pair(a, b)
     vals = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return [_cap(float(v)) for v in vals.reshape(-1)]
 
@@ -321,9 +321,7 @@ def psnr_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 def ssim_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """SSIM of a[i] vs b[i] over whole images, no matching: what the papers' ground-truth snapshot
     selection reads (an oracle: the runner logs it per step, nothing decides with it)."""
-    _check_pair(b, a)
-    a = torch.nan_to_num(a.detach().float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
-    b = b.detach().float().to(a.device).clamp(0, 1)
+    a, b = _unmatched_pair(a, b)
     return [_ssim(a[i : i + 1], b[i : i + 1]) for i in range(a.shape[0])]
 
 
