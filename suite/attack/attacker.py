@@ -426,8 +426,7 @@ class Attacker:
             # a diverged restart's NaN must not reach the others' gradients through the sum
             return torch.where(torch.isfinite(totals), totals, 0.0).sum(), parts
 
-        histories: list[list[dict]] = [[] for _ in range(n)]
-        flat: list[dict] = []  # every restart's records in one list, for the checkpoint
+        flat: list[dict] = []  # every restart's records in one list (what a checkpoint saves and restores)
         if checkpoint is not None:
             checkpoint.attach(flat)
 
@@ -435,15 +434,13 @@ class Attacker:
             values = {k: v.detach().cpu().tolist() for k, v in parts.items()}
             for r in range(n):
                 record = _record(step, {k: v[r] for k, v in values.items()}, self.to_pixels(z[r].detach()), callback)
-                histories[r].append(record)
                 flat.append({**record, "restart": r})
 
         with vmappable_batch_norm(self.model):
             outcome = descend(self.spec, [z] + ([soft] if soft is not None else []), objective, log, self.box(),
                               batched=True, checkpoint=checkpoint)
-        if checkpoint is not None and checkpoint.resumed_from is not None:  # the records saved before
-            histories = [[{k: v for k, v in rec.items() if k != "restart"} for rec in flat if rec["restart"] == r]
-                         for r in range(n)]
+        histories = [[{k: v for k, v in rec.items() if k != "restart"} for rec in flat if rec["restart"] == r]
+                     for r in range(n)]
         best = outcome.variables
         if soft is not None:
             loss_fns = [ClassificationLoss(soft_logits=best[1][r]) for r in range(n)]
