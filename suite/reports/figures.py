@@ -200,3 +200,46 @@ def _wrap(text: str, width: int = 28) -> str:
     if cur:
         lines.append(cur)
     return "\n".join(lines)
+
+
+def paired_differences_figure(entries: Sequence[tuple[str, dict[str, tuple[float, float, float]]]],
+                              path: str | Path, *, title: str = "", baseline: str = "baseline") -> Path | None:
+    """Forest plot of an ablation's paired differences: one panel per metric, one line per change,
+    the mean with its interval as a bar and a dashed line at zero (no difference).
+
+    ``entries``: (change name, {metric: (mean, low, high)}); a missing bound draws the mean alone.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("psnr", "ssim", "lpips", "content_gain") if any(m in d for _, d in entries)]
+    if not entries or not metrics:
+        return None
+    units = {"psnr": "Δ PSNR (dB)", "ssim": "Δ SSIM", "lpips": "Δ LPIPS (lower leaks more)",
+             "content_gain": "Δ content gain (dB)"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1.5, 0.45 * len(entries) + 1.4),
+                             sharey=True, squeeze=False)
+    ys = list(range(len(entries)))[::-1]
+    for ax, metric in zip(axes[0], metrics):
+        for y, (_, diffs) in zip(ys, entries):
+            if metric not in diffs:
+                continue
+            mean, low, high = diffs[metric]
+            excludes = math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0)
+            colour = "tab:red" if excludes else "tab:gray"
+            if math.isfinite(low) and math.isfinite(high):
+                ax.plot([low, high], [y, y], color=colour, linewidth=2)
+            ax.plot([mean], [y], "o", color=colour)
+        ax.axvline(0.0, color="black", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(units[metric])
+    axes[0][0].set_yticks(ys)
+    axes[0][0].set_yticklabels([name for name, _ in entries])
+    fig.suptitle(title or f"paired against {baseline}: 95 % intervals (red: excludes 0)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

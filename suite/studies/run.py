@@ -51,7 +51,7 @@ def run_study(
     out = out or sys.stdout
     spec = load_spec(spec_path)
     settings = expand_settings(spec, profile, sets)
-    outcome = StudyOutcome(study=spec.name, profile=profile, settings=settings)
+    outcome = StudyOutcome(study=spec.name, profile=profile, settings=settings, compare=spec.compare)
     if dry_run:
         for line in dry_run_lines(settings):
             print(line, file=out)

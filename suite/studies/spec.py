@@ -13,6 +13,8 @@ A spec (``runs/*.yaml``) has::
     profiles:
       smoke: {attack.iterations: 4, size: 32, images: [astronaut]}
       paper: {attack.iterations: 10000}
+    compare: {axis: variant_options, baseline: {}}   # ablations: pair each change with the
+                                                    # unmodified setting (suite.studies.compare)
     executor: {slurm_partition: gpu, gpus_per_node: 1, timeout_min: 600, slurm_array_parallelism: 8}
 
 In a profile (and in ``--set``), ``seeds``/``images``/``grid``/``zip`` are study-level keys
@@ -52,6 +54,15 @@ class ExecutorBlock(BaseModel):
     slurm_array_parallelism: int | None = Field(None, ge=1)
 
 
+class CompareBlock(BaseModel):
+    """An ablation's comparison: the axis whose values are the changes, and the unmodified value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    axis: str
+    baseline: Any = None
+
+
 class StudySpec(BaseModel):
     """A validated study spec (see the module docstring for the layout)."""
 
@@ -66,6 +77,7 @@ class StudySpec(BaseModel):
     images: list[str | list[str]] | None = None
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     executor: ExecutorBlock = Field(default_factory=ExecutorBlock)
+    compare: CompareBlock | None = None
 
     _source: str = PrivateAttr("<spec>")  # where it was read from, for messages
 
@@ -159,7 +171,7 @@ def _spec_error(exc: ValidationError, text: str, source: str) -> GistressError:
     where = _where(source, _yaml_line(text, loc))
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        parent = StudySpec if len(loc) == 1 else ExecutorBlock if loc[0] == "executor" else None
+        parent = StudySpec if len(loc) == 1 else {"executor": ExecutorBlock, "compare": CompareBlock}.get(loc[0])
         options = list(parent.model_fields) if parent else []
         near = close_matches(key, options, n=1)
         shown = dotted if len(loc) > 1 else key
@@ -203,6 +215,23 @@ def _validate_spec(spec: StudySpec, text: str) -> None:
         raise GistressError(f"images in {where('images')} is empty", "give at least one image name")
     for pname, prof in spec.profiles.items():
         _check_profile(spec, pname, prof, where("profiles", pname))
+    if spec.compare is not None:
+        _check_compare(spec, where("compare"))
+
+
+def _check_compare(spec: StudySpec, where: str) -> None:
+    """The compared axis must be one of the spec's axes and the baseline one of its values."""
+    axes = {**spec.grid, **{k: v for g in spec.zip_groups() for k, v in g.items()}}
+    axis, baseline = spec.compare.axis, spec.compare.baseline
+    if axis not in axes:
+        near = close_matches(axis, sorted(axes), n=1)
+        raise GistressError(
+            f"compare.axis '{axis}' in {where} is not an axis of the spec" + (f" (did you mean '{near}'?)" if near else ""),
+            f"axes: {', '.join(sorted(axes)) or 'none (add a grid or zip)'}",
+        )
+    if baseline not in axes[axis]:
+        raise GistressError(f"compare.baseline {baseline!r} in {where} is not one of {axis}'s values",
+                            f"use one of: {', '.join(repr(v) for v in axes[axis])}")
 
 
 def zips_grid_axes(grid: dict[str, list], profile_zip: dict[str, list]) -> bool:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from suite.studies.expand import Setting, short_value
 
@@ -30,6 +31,10 @@ class StudyOutcome:
     csv_path: Path | None = None
     figure_path: Path | None = None
     interrupted: bool = False
+    compare: Any = None  # the spec's CompareBlock (ablations): changes paired against the baseline
+    changes: list = field(default_factory=list)  # suite.studies.compare.Change, one per change
+    comparison_path: Path | None = None
+    comparison_figure: Path | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -59,8 +64,18 @@ class StudyOutcome:
             "interrupted": self.interrupted,
             "summary_csv": str(self.csv_path) if self.csv_path else None,
             "figure": str(self.figure_path) if self.figure_path else None,
+            "comparison_csv": str(self.comparison_path) if self.comparison_path else None,
+            "comparison": [_change_json(c) for c in self.changes],
             "rows": self.rows,
         }
+
+
+def _change_json(change) -> dict:
+    return {"change": change.name, "pairs": change.n_pairs, "unpaired": change.unpaired,
+            "differences": {m: {"n": d.n, "mean": d.mean, "low": d.low, "high": d.high, "direction": d.direction}
+                            for m, d in change.differences.items()},
+            "leaks_baseline": change.leaks_baseline, "leaks_change": change.leaks_change,
+            "leak_p": change.leak_p, "leak_direction": change.leak_direction}
 
 
 def progress_line(n: int, total: int, row: dict) -> str:
@@ -137,6 +152,8 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
 
             with Image.open(outcome.figure_path) as im:
                 client.log_image(parent_id, im.convert("RGB"), artifact_file=f"images/{figures.comparison_name(rows)}")
+        if outcome.compare is not None:
+            _write_comparison(outcome, rows, client, study_dir)
         counts = outcome.counts
         for status, n in counts.items():
             client.set_tag(parent_id, f"n_{status.lower()}", str(n))
@@ -145,6 +162,26 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
         raise
     except Exception as exc:  # the summary must not hide the runs' own outcome
         print(f"warning: study summary incomplete ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def _write_comparison(outcome: StudyOutcome, rows: list[dict], client, study_dir: Path) -> None:
+    """An ablation's paired differences: CSV and forest plot on disk and on the parent run."""
+    from suite.reports.figures import paired_differences_figure
+    from suite.studies.compare import paired_changes, records, write_comparison_csv
+
+    axis, baseline = outcome.compare.axis, outcome.compare.baseline
+    outcome.changes = paired_changes(rows, axis, baseline)
+    outcome.comparison_path = write_comparison_csv(outcome.changes, study_dir / "comparison.csv")
+    client.log_artifact(outcome.parent_run_id, str(outcome.comparison_path))
+    recs = records(outcome.changes)
+    if recs:  # a table on the parent's artifacts page, beside the summary table
+        client.log_table(outcome.parent_run_id, {k: [r[k] for r in recs] for k in recs[0]}, "comparison_table.json")
+    entries = [(c.name, {m: (d.mean, d.low, d.high) for m, d in c.differences.items()})
+               for c in outcome.changes if c.differences]
+    outcome.comparison_figure = paired_differences_figure(
+        entries, study_dir / "comparison.png", baseline=f"{axis}={short_value(baseline)}")
+    if outcome.comparison_figure is not None:
+        client.log_artifact(outcome.parent_run_id, str(outcome.comparison_figure), "images")
 
 
 def _reused_row(client, s: Setting, run_id: str, study_dir: Path) -> dict:
@@ -211,10 +248,17 @@ def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
     from suite.execution.mlflow_ui import runs_link
 
     counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(outcome.counts.items()))
-    files = [(label, path.resolve()) for label, path in (("summary", outcome.csv_path), ("figure", outcome.figure_path))
+    files = [(label, path.resolve()) for label, path in (("summary", outcome.csv_path), ("figure", outcome.figure_path),
+                                                         ("comparison", outcome.comparison_path),
+                                                         ("comparison figure", outcome.comparison_figure))
              if path]
     uri, exp_id = outcome.tracking_uri, outcome.experiment_id
     hint = page_hint("compare runs: the study's runs table", uri, lambda base: runs_link(base, exp_id)) \
         if uri and exp_id else None
-    print_end(out, table=format_table(outcome.rows), verdict=[f"{outcome.study}: {counts}", leak_sentence(outcome.rows)],
+    table = format_table(outcome.rows)
+    if outcome.compare is not None:
+        from suite.studies.compare import format_comparison
+
+        table += "\n\n" + format_comparison(outcome.changes, outcome.compare.axis, outcome.compare.baseline)
+    print_end(out, table=table, verdict=[f"{outcome.study}: {counts}", leak_sentence(outcome.rows)],
               files=files, mlflow=hint, summary=outcome.to_json() if json_out else None)

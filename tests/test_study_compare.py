@@ -1,0 +1,144 @@
+"""Ablation comparisons: seed-paired differences against the unmodified setting (suite.studies.compare)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import suite  # noqa: F401  (offline defaults before mlflow)
+from suite.errors import GistressError
+from suite.studies import expand_settings, run_study
+from suite.studies.compare import LESS, MORE, SAME, paired_changes
+
+FAKE = "test_study:fake_run_setting"
+T_975_3 = 3.182446305284263  # Student t quantile, 0.975 and 3 degrees of freedom (tables)
+
+
+def row(value, seed, image, *, psnr, lpips=None, leaked=False, status="FINISHED", axis="variant_options", **axes):
+    metrics = {"psnr": psnr, "ssim": 0.5, "content_gain": psnr - 10.0, "leaked": float(leaked)}
+    if lpips is not None:
+        metrics["lpips"] = lpips
+    return {"status": status, "metrics": metrics if status == "FINISHED" else {}, "seed": seed, "image": image,
+            "axes": {axis: value, **axes}}
+
+
+def grid_rows(value, psnrs, **kw):
+    """One row per (seed, image) in the order (0,a), (0,b), (1,a), (1,b)."""
+    keys = [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    return [row(value, s, i, psnr=p, **kw) for (s, i), p in zip(keys, psnrs)]
+
+
+def test_paired_difference_and_interval_match_the_t_table():
+    rows = grid_rows("base", [10, 11, 12, 13]) + grid_rows("k=5", [12, 13.5, 14, 15.2]) \
+        + grid_rows("k=1", [11, 10, 12.5, 12.6])
+    by = {c.label: c for c in paired_changes(rows, "variant_options", {})}
+    assert list(by) == ["k=5", "k=1"]  # the baseline itself is no change
+    d = by["k=5"].differences["psnr"]
+    # differences 2, 2.5, 2, 2.2: mean 2.175, sample sd sqrt(0.1675 / 3)
+    half = T_975_3 * (0.1675 / 3) ** 0.5 / 2
+    assert d.n == 4 and d.mean == pytest.approx(2.175)
+    assert (d.low, d.high) == (pytest.approx(2.175 - half), pytest.approx(2.175 + half))
+    assert d.direction == MORE and by["k=5"].differences["content_gain"].direction == MORE
+    # +1, -1, +0.5, -0.4: the interval straddles zero
+    assert by["k=1"].differences["psnr"].direction == SAME
+    assert "lpips" not in by["k=5"].differences  # offline: no LPIPS, no column invented
+
+
+def test_lower_lpips_is_more_leakage_and_missing_pairs_are_counted():
+    rows = grid_rows("base", [10, 11, 12, 13], lpips=0.5) + [
+        row("k=5", 0, "a", psnr=9, lpips=0.30), row("k=5", 0, "b", psnr=10, lpips=0.31),
+        row("k=5", 1, "a", psnr=11, lpips=0.29), row("k=5", 1, "b", psnr=0, status="FAILED"),
+    ]
+    rows[3]["status"] = "FAILED"  # the baseline of (1, b) failed too
+    rows.append(row("k=5", 2, "a", psnr=9, lpips=0.3))  # a seed the baseline never ran
+    (change,) = paired_changes(rows, "variant_options", {})
+    assert change.n_pairs == 3 and change.unpaired == 1
+    assert change.differences["lpips"].direction == MORE
+    assert change.differences["psnr"].direction == LESS
+
+
+def test_leak_decision_uses_an_exact_sign_test():
+    four = grid_rows("base", [10] * 4) + grid_rows("flip", [20] * 4, leaked=True)
+    (change,) = paired_changes(four, "variant_options", {})
+    # four of four flipped: a t-interval would have zero width; the sign test says p = 0.125
+    assert (change.leaks_baseline, change.leaks_change) == (0, 4)
+    assert change.leak_p == pytest.approx(0.125) and change.leak_direction == SAME
+    six = [row(v, s, "a", psnr=p, leaked=leak) for s in range(6)
+           for v, p, leak in (("base", 20, True), ("off", 10, False))]
+    (change,) = paired_changes(six, "variant_options", {})
+    assert change.leak_p == pytest.approx(2 * 0.5 ** 6) and change.leak_direction == LESS
+
+
+def test_pairs_stay_within_the_other_axes():
+    axis = "variant_options.cut_skips"
+    rows = []
+    for variant, base, cut in (("resnet18", 20.0, 15.0), ("resnet34", 30.0, 31.0)):
+        for seed in (0, 1):
+            rows.append(row("none", seed, "a", psnr=base + seed, axis=axis, variant=variant))
+            rows.append(row("0", seed, "a", psnr=cut + seed, axis=axis, variant=variant))
+    changes = paired_changes(rows, axis, None)
+    assert [(c.group, c.label) for c in changes] == [("variant=resnet18", "0"), ("variant=resnet34", "0")]
+    assert [c.differences["psnr"].mean for c in changes] == [pytest.approx(-5.0), pytest.approx(1.0)]
+    assert changes[0].name == "variant=resnet18 0"
+
+
+def test_compare_block_is_validated(tmp_path):
+    spec = tmp_path / "x.yaml"
+    spec.write_text("name: x\nbase: {variant: convnet}\ngrid:\n  variant_options: [{}, {bias: false}]\n"
+                    "compare: {axis: variant_option, baseline: {}}\n")
+    with pytest.raises(GistressError, match=r"compare.axis 'variant_option' .*:5 .*did you mean 'variant_options'"):
+        expand_settings(spec)
+    spec.write_text("name: x\nbase: {variant: convnet}\ngrid:\n  variant_options: [{}, {bias: false}]\n"
+                    "compare: {axis: variant_options, baseline: {bias: true}}\n")
+    with pytest.raises(GistressError, match=r"compare.baseline \{'bias': True\} .* not one of variant_options's values"):
+        expand_settings(spec)
+    spec.write_text("name: x\nbase: {variant: convnet}\ngrid:\n  variant_options: [{}]\ncompare: {axis: v, basline: 1}\n")
+    with pytest.raises(GistressError, match=r"unknown key 'compare.basline'.*did you mean 'baseline'"):
+        expand_settings(spec)
+
+
+@pytest.mark.parametrize("path", ["runs/microdesign_convnet.yaml", "runs/skip_cuts_resnet.yaml"])
+def test_ablation_specs_declare_their_baseline(path):
+    """Both SoK ablation specs pair every change with a setting that exists in each profile."""
+    from suite.studies.spec import load_spec
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = load_spec(repo / path)
+    assert spec.compare is not None
+    for profile in [None, *spec.profiles]:
+        settings = expand_settings(spec, profile)
+        values = [s.axes.get(spec.compare.axis) for s in settings]
+        assert spec.compare.baseline in values and any(v != spec.compare.baseline for v in values)
+
+
+def test_study_writes_and_logs_the_comparison(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = tmp_path / "abl.yaml"
+    spec.write_text("name: abl\nbase: {variant: alpha, attack: {preset: ig, iterations: 2, log_every: 1}}\n"
+                    "grid:\n  variant_options: [{}, {k: 5}, {k: 1}]\nseeds: [0, 1]\nimages: [astronaut]\n"
+                    "compare: {axis: variant_options, baseline: {}}\n")
+    out = run_study(spec, tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE, json_out=True)
+    assert out.exit_code == 0 and [c.label for c in out.changes] == ["k=5", "k=1"]
+    assert all(c.n_pairs == 2 for c in out.changes)
+    with out.comparison_path.open() as fh:
+        recs = list(csv.DictReader(fh))
+    assert [r["value"] for r in recs] == ["k=5", "k=1"] and {r["pairs"] for r in recs} == {"2"}
+    # the CSV's differences are the runs' own PSNRs subtracted pair by pair
+    psnr = {(tuple(r["axes"].items()), r["seed"]): r["metrics"]["psnr"] for r in out.rows}
+    expect = sum(psnr[((("variant_options", "k=5"),), s)] - psnr[((("variant_options", "base"),), s)]
+                 for s in (0, 1)) / 2
+    assert float(recs[0]["psnr_mean"]) == pytest.approx(expect)
+    assert out.comparison_figure.is_file() and out.comparison_figure.stat().st_size > 1000
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    arts = {a.path for a in c.list_artifacts(out.parent_run_id)}
+    assert {"comparison.csv", "comparison_table.json"} <= arts
+    assert "images/comparison.png" in {a.path for a in c.list_artifacts(out.parent_run_id, "images")}
+    printed = capsys.readouterr().out
+    assert "paired against variant_options=base" in printed and "comparison:" in printed
+    last = json.loads(printed.strip().splitlines()[-1])
+    assert [x["change"] for x in last["comparison"]] == ["k=5", "k=1"]
