@@ -142,3 +142,44 @@ def test_study_writes_and_logs_the_comparison(tmp_path, capsys):
     assert "paired against variant_options=base" in printed and "comparison:" in printed
     last = json.loads(printed.strip().splitlines()[-1])
     assert [x["change"] for x in last["comparison"]] == ["k=5", "k=1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning sweeps: the server's pick and the oracle's (suite.studies.sweep)
+# ---------------------------------------------------------------------------------------------
+
+
+def sweep_row(tv, lr, seed, *, loss, ssim, leaked):
+    return {"status": "FINISHED", "name": f"tv={tv} lr={lr}", "seed": seed, "image": "bus",
+            "axes": {"attack.tv": tv, "attack.lr": lr, "variant": "yolo"},
+            "metrics": {"psnr": 10 + 10 * ssim, "ssim": ssim, "content_gain": ssim, "matching_loss": loss,
+                        "leaked": float(leaked)}}
+
+
+def test_sweep_picks_by_matching_loss_and_keeps_the_oracle_out_of_verdicts():
+    from suite.studies.summary import leak_sentence
+    from suite.studies.sweep import format_sweep, sweep_groups
+
+    rows = [sweep_row("0.1", "0.1", 0, loss=0.30, ssim=0.20, leaked=False),
+            sweep_row("0.01", "0.1", 0, loss=0.10, ssim=0.25, leaked=False),   # the server's pick
+            sweep_row("0.1", "0.01", 0, loss=0.50, ssim=0.70, leaked=True),    # the oracle's pick
+            sweep_row("0.1", "0.1", 1, loss=0.20, ssim=0.40, leaked=False)]
+    before = leak_sentence(rows)
+    (g0, g1) = sweep_groups(rows, ["attack.tv", "attack.lr"])
+    assert (g0.trials, g1.trials) == (3, 1) and g0.group == "variant=yolo seed=0 image=bus"
+    assert g0.by_matching_loss.name == "tv=0.01 lr=0.1" and not g0.leaked_by_matching_loss
+    assert g0.oracle.name == "tv=0.1 lr=0.01" and g0.oracle.ssim == pytest.approx(0.70)
+    text = format_sweep([g0, g1], ["attack.tv", "attack.lr"])
+    first = text.splitlines()[1]
+    honest, oracle = first.split(" | ")
+    assert "no leak" in honest and "leak" not in oracle  # the oracle's pick never gets a leak word
+    assert "never a verdict" in text.splitlines()[0]
+    # the study's verdict is the runs' own: picking the oracle changes nothing in it
+    assert leak_sentence(rows) == before and rows[2]["metrics"]["leaked"] == 1.0
+
+
+def test_sweep_axes_are_validated(tmp_path):
+    spec = tmp_path / "x.yaml"
+    spec.write_text("name: x\nbase: {variant: lenet}\ngrid:\n  attack.tv: [0.1, 0.01]\nsweep: {axes: [attack.t]}\n")
+    with pytest.raises(GistressError, match=r"sweep axis 'attack.t' .*:5 .*did you mean 'attack.tv'"):
+        expand_settings(spec)

@@ -51,7 +51,8 @@ def run_study(
     out = out or sys.stdout
     spec = load_spec(spec_path)
     settings = expand_settings(spec, profile, sets)
-    outcome = StudyOutcome(study=spec.name, profile=profile, settings=settings, compare=spec.compare)
+    outcome = StudyOutcome(study=spec.name, profile=profile, settings=settings, compare=spec.compare,
+                           sweep=spec.sweep)
     if dry_run:
         for line in dry_run_lines(settings):
             print(line, file=out)

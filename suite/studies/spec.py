@@ -15,6 +15,8 @@ A spec (``runs/*.yaml``) has::
       paper: {attack.iterations: 10000}
     compare: {axis: variant_options, baseline: {}}   # ablations: pair each change with the
                                                     # unmodified setting (suite.studies.compare)
+    sweep: {axes: [attack.tv, attack.lr]}           # tuning: the server's and the oracle's pick
+                                                    # per group (suite.studies.sweep)
     executor: {slurm_partition: gpu, gpus_per_node: 1, timeout_min: 600, slurm_array_parallelism: 8}
 
 In a profile (and in ``--set``), ``seeds``/``images``/``grid``/``zip`` are study-level keys
@@ -63,6 +65,14 @@ class CompareBlock(BaseModel):
     baseline: Any = None
 
 
+class SweepBlock(BaseModel):
+    """Hyper-parameter axes an attacker tunes: the study reports the server's and the oracle's pick."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    axes: list[str] = Field(min_length=1)
+
+
 class StudySpec(BaseModel):
     """A validated study spec (see the module docstring for the layout)."""
 
@@ -78,6 +88,7 @@ class StudySpec(BaseModel):
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     executor: ExecutorBlock = Field(default_factory=ExecutorBlock)
     compare: CompareBlock | None = None
+    sweep: SweepBlock | None = None
 
     _source: str = PrivateAttr("<spec>")  # where it was read from, for messages
 
@@ -171,7 +182,8 @@ def _spec_error(exc: ValidationError, text: str, source: str) -> GistressError:
     where = _where(source, _yaml_line(text, loc))
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        parent = StudySpec if len(loc) == 1 else {"executor": ExecutorBlock, "compare": CompareBlock}.get(loc[0])
+        parent = StudySpec if len(loc) == 1 else {"executor": ExecutorBlock, "compare": CompareBlock,
+                                                        "sweep": SweepBlock}.get(loc[0])
         options = list(parent.model_fields) if parent else []
         near = close_matches(key, options, n=1)
         shown = dotted if len(loc) > 1 else key
@@ -217,6 +229,16 @@ def _validate_spec(spec: StudySpec, text: str) -> None:
         _check_profile(spec, pname, prof, where("profiles", pname))
     if spec.compare is not None:
         _check_compare(spec, where("compare"))
+    if spec.sweep is not None:
+        axes = set(spec.grid) | {k for g in spec.zip_groups() for k in g}
+        for axis in spec.sweep.axes:
+            if axis not in axes:
+                near = close_matches(axis, sorted(axes), n=1)
+                raise GistressError(
+                    f"sweep axis '{axis}' in {where('sweep')} is not an axis of the spec"
+                    + (f" (did you mean '{near}'?)" if near else ""),
+                    f"axes: {', '.join(sorted(axes)) or 'none (add a grid)'}",
+                )
 
 
 def _check_compare(spec: StudySpec, where: str) -> None:

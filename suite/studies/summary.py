@@ -35,6 +35,9 @@ class StudyOutcome:
     changes: list = field(default_factory=list)  # suite.studies.compare.Change, one per change
     comparison_path: Path | None = None
     comparison_figure: Path | None = None
+    sweep: Any = None  # the spec's SweepBlock: the server's and the oracle's pick per group
+    sweep_groups: list = field(default_factory=list)  # suite.studies.sweep.SweepGroup
+    sweep_path: Path | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -66,6 +69,10 @@ class StudyOutcome:
             "figure": str(self.figure_path) if self.figure_path else None,
             "comparison_csv": str(self.comparison_path) if self.comparison_path else None,
             "comparison": [_change_json(c) for c in self.changes],
+            "sweep_csv": str(self.sweep_path) if self.sweep_path else None,
+            "sweep": [{"group": g.group, "trials": g.trials, "by_matching_loss": vars(g.by_matching_loss),
+                       "leaked_by_matching_loss": g.leaked_by_matching_loss, "oracle": vars(g.oracle)}
+                      for g in self.sweep_groups],
             "rows": self.rows,
         }
 
@@ -154,6 +161,12 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
                 client.log_image(parent_id, im.convert("RGB"), artifact_file=f"images/{figures.comparison_name(rows)}")
         if outcome.compare is not None:
             _write_comparison(outcome, rows, client, study_dir)
+        if outcome.sweep is not None:
+            from suite.studies.sweep import sweep_groups, write_sweep_csv
+
+            outcome.sweep_groups = sweep_groups(rows, outcome.sweep.axes)
+            outcome.sweep_path = write_sweep_csv(outcome.sweep_groups, study_dir / "sweep.csv")
+            client.log_artifact(parent_id, str(outcome.sweep_path))
         counts = outcome.counts
         for status, n in counts.items():
             client.set_tag(parent_id, f"n_{status.lower()}", str(n))
@@ -250,7 +263,8 @@ def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
     counts = ", ".join(f"{n} {k.lower()}" for k, n in sorted(outcome.counts.items()))
     files = [(label, path.resolve()) for label, path in (("summary", outcome.csv_path), ("figure", outcome.figure_path),
                                                          ("comparison", outcome.comparison_path),
-                                                         ("comparison figure", outcome.comparison_figure))
+                                                         ("comparison figure", outcome.comparison_figure),
+                                                         ("sweep", outcome.sweep_path))
              if path]
     uri, exp_id = outcome.tracking_uri, outcome.experiment_id
     hint = page_hint("compare runs: the study's runs table", uri, lambda base: runs_link(base, exp_id)) \
@@ -260,5 +274,9 @@ def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
         from suite.studies.compare import format_comparison
 
         table += "\n\n" + format_comparison(outcome.changes, outcome.compare.axis, outcome.compare.baseline)
+    if outcome.sweep is not None:
+        from suite.studies.sweep import format_sweep
+
+        table += "\n\n" + format_sweep(outcome.sweep_groups, outcome.sweep.axes)
     print_end(out, table=table, verdict=[f"{outcome.study}: {counts}", leak_sentence(outcome.rows)],
               files=files, mlflow=hint, summary=outcome.to_json() if json_out else None)
