@@ -59,6 +59,11 @@ class AttackSpec(BaseModel):
     objective: Literal["cosine", "l2"] | None = None
     layer_weights: dict[str, float] = Field(default_factory=dict)  # fnmatch pattern -> weight
     tv: float | None = Field(None, ge=0)
+    # prior weights the server tries: every restart runs once per weight and the lowest final
+    # matching loss (no ground truth) picks among all of them; ``tv`` is then not used. At 32 px
+    # the ig preset's 0.2 (breaching's ImageNet value) swamps the gradient term where Geiping
+    # et al.'s CIFAR value 1e-6 inverts (docs/findings.md, "The prior's weight").
+    tv_choices: list[float] | None = Field(None, min_length=2)
     bn_prior: float | None = Field(None, ge=0)
     optimizer: Literal["adam", "lbfgs"] | None = None
     lr: float | None = Field(None, gt=0)
@@ -114,7 +119,15 @@ class AttackSpec(BaseModel):
                              "restart on its own (use restart_mode=sequential or auto)")
         if self.init == "file" and not self.init_file:
             raise ValueError("init=file needs init_file=<path to an image>")
+        if self.tv_choices is not None:
+            if any(w < 0 for w in self.tv_choices) or len(set(self.tv_choices)) != len(self.tv_choices):
+                raise ValueError(f"tv_choices={self.tv_choices} must be distinct weights >= 0, e.g. [0.2, 1e-6]")
         return self
+
+    @property
+    def tv_weights(self) -> list[float]:
+        """The prior weights the attack runs: ``tv_choices`` when set, else ``tv`` alone."""
+        return list(self.tv_choices) if self.tv_choices else [float(self.tv or 0.0)]
 
     @property
     def log_interval(self) -> int:
@@ -198,6 +211,8 @@ class RunConfig(BaseModel):
             unset["attack"].add("method")
         if not self.threat.frozen:
             unset["threat"].add("frozen")
+        if self.attack.tv_choices is None:
+            unset["attack"].add("tv_choices")
         blob = json.dumps(self.model_dump(mode="json", exclude={k: v for k, v in unset.items() if v}),
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -212,7 +227,7 @@ class RunConfig(BaseModel):
             task = task_of(self.variant)
         priors = not self.attack.closed_form  # a closed form uses no image prior
         level = self.threat.assumption_level(uses_bn_prior=priors and bool(self.attack.bn_prior) and has_bn,
-                                             uses_tv=priors and bool(self.attack.tv), task=task)
+                                             uses_tv=priors and any(self.attack.tv_weights), task=task)
         if self.weights == "calibrated" and has_bn:
             level = max(level, 2)  # BN statistics estimated on data: the SoK's "data distribution"
         return level

@@ -78,6 +78,9 @@ class Reconstruction:
     residual: float | None = None
     # the step a mid-run checkpoint had reached when this run resumed it (None: ran from step 0)
     resumed_from: int | None = None
+    # attack.tv_choices: the prior weight of every attempt and of the chosen one (None: one weight)
+    restart_tv: list[float] | None = None
+    chosen_tv: float | None = None
 
 
 @dataclass

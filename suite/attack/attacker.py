@@ -334,14 +334,26 @@ class Attacker:
             opened.append(Checkpoint(Path(checkpoints) / f"{kind}-{name}.pt", f"{fingerprint}/{kind}-{name}"))
             return opened[-1]
         images, losses, histories, label_sets, failures = [], [], [], [], []
+        spec = self.spec
+        # attack.tv_choices: every restart once per prior weight; one pool, one selection rule
+        weights = spec.tv_weights if spec.tv_choices else [None]
+        runs, run_tv, run_inits = [], [], []
         with math_attention():
-            if self.batches_restarts(len(inits)):
-                runs = self._optimize_batched([x0.to(self.device) for x0 in inits], control, callback,
-                                              checkpoint("batched"))
-            else:
-                runs = [self._optimize(x0.to(self.device), control, callback, restart=r,
-                                       checkpoint=checkpoint(f"restart{r}"))
-                        for r, x0 in enumerate(inits)]
+            for i, weight in enumerate(weights):
+                prefix = "" if weight is None else f"tv{i}-"
+                self.spec = spec if weight is None else spec.model_copy(update={"tv": weight})
+                try:
+                    if self.batches_restarts(len(inits)):
+                        runs += self._optimize_batched([x0.to(self.device) for x0 in inits], control, callback,
+                                                       checkpoint(f"{prefix}batched"))
+                    else:
+                        runs += [self._optimize(x0.to(self.device), control, callback, restart=r,
+                                                checkpoint=checkpoint(f"{prefix}restart{r}"))
+                                 for r, x0 in enumerate(inits)]
+                finally:
+                    self.spec = spec
+                run_tv += [weight] * len(inits)
+                run_inits += list(inits)
             for run in runs:
                 x = self.to_pixels(run.candidate.detach())
                 images.append(x.cpu())
@@ -362,10 +374,11 @@ class Attacker:
         return Reconstruction(
             images=images[chosen].clamp(0, 1), matching_loss=losses[chosen],
             restart_images=[im.clamp(0, 1) for im in images], restart_losses=losses, chosen=chosen,
-            init=inits[chosen].detach().cpu().clamp(0, 1),
+            init=run_inits[chosen].detach().cpu().clamp(0, 1),
             labels=None if labels is None else labels.detach().cpu(), history=histories[chosen],
             diverged=diverged or None, restarts_diverged=sum(f is not None for f in failures),
             resumed_from=min((c.resumed_from for c in opened if c.resumed_from is not None), default=None),
+            restart_tv=run_tv if spec.tv_choices else None, chosen_tv=run_tv[chosen] if spec.tv_choices else None,
         )
 
     def _loss_fn_for_restart(self, restart: int):

@@ -24,7 +24,7 @@ METRIC_NAMES = {
     "oracle_best_snapshot_ssim": "oracle/best_snapshot_ssim", "oracle_best_snapshot_psnr": "oracle/best_snapshot_psnr",
     "oracle_best_snapshot_step": "oracle/best_snapshot_step",
     "matching_loss": "loss/matching", "total": "loss/total", "tv": "loss/tv", "bn_prior": "loss/bn_prior",
-    "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds",
+    "restarts_diverged": "run/restarts_diverged", "seconds": "run/seconds", "chosen_tv": "weight/chosen_tv",
     "closed_form_residual": "closed_form/residual", "start_residual": "closed_form/start_residual",
     "closed_form_rank": "closed_form/rank", "closed_form_unknowns": "closed_form/unknowns",
 }

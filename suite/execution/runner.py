@@ -290,6 +290,10 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
 
         metrics["label_accuracy"] = label_accuracy(recovered.cpu(), batch.labels.cpu())
     metrics["restarts_diverged"] = recon.restarts_diverged
+    if recon.chosen_tv is not None:  # attack.tv_choices: the weight the matching loss picked
+        metrics["chosen_tv"] = recon.chosen_tv
+        if control is not None and control.chosen_tv is not None:
+            metrics["control_chosen_tv"] = control.chosen_tv
     metrics["seconds"] = time.perf_counter() - t0
 
     tags = {

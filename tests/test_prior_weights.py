@@ -1,0 +1,57 @@
+"""attack.tv_choices: the server tries several prior weights and keeps the lowest matching loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import variants
+from suite import data
+from suite.attack.attacker import Attacker
+from suite.config import AttackSpec, RunConfig
+from suite.threat.client import Client
+from suite.threat.threat_model import ThreatModel
+
+
+@pytest.fixture(scope="module")
+def shared():
+    batch = data.load("samples", task="classification", size=32, images=["astronaut"], num_classes=10)
+    v = variants.build("lenet", seed=0)
+    return v, Client(v.model, v.task, ThreatModel()).share(batch)
+
+
+def test_every_weight_runs_every_restart_and_the_matching_loss_picks(shared):
+    v, obs = shared
+    spec = dict(preset="ig", iterations=10, restarts=2, restart_mode="sequential", log_every=5)
+    both = Attacker(v, obs, AttackSpec(tv_choices=[0.2, 1e-6], **spec), seed=0).reconstruct()
+    assert both.restart_tv == [0.2, 0.2, 1e-6, 1e-6] and len(both.restart_images) == 4
+    assert both.chosen == min(range(4), key=lambda i: both.restart_losses[i])
+    assert both.chosen_tv == both.restart_tv[both.chosen]
+    # each group is exactly the single-weight attack from the same starts: the weight was applied
+    for i, weight in enumerate((0.2, 1e-6)):
+        alone = Attacker(v, obs, AttackSpec(tv=weight, **spec), seed=0).reconstruct()
+        assert both.restart_losses[2 * i:2 * i + 2] == pytest.approx(alone.restart_losses, rel=1e-6)
+        assert alone.restart_tv is None and alone.chosen_tv is None
+    assert both.restart_losses[:2] != pytest.approx(both.restart_losses[2:], rel=1e-3)
+
+
+def test_tv_choices_are_validated_and_leave_other_hashes_alone():
+    for bad in ([0.1], [-1.0, 0.1], [0.1, 0.1]):
+        with pytest.raises(ValidationError):
+            AttackSpec(tv_choices=bad)
+    plain = RunConfig(variant="lenet")
+    assert plain.config_hash() == RunConfig(variant="lenet", attack={"tv_choices": None}).config_hash()
+    assert plain.config_hash() != RunConfig(variant="lenet", attack={"tv_choices": [0.2, 1e-6]}).config_hash()
+    assert AttackSpec(tv_choices=[0.2, 0.0]).tv_weights == [0.2, 0.0] and AttackSpec(tv=0.5).tv_weights == [0.5]
+
+
+def test_the_run_logs_the_chosen_weight(tmp_path):
+    from suite.execution.runner import run_setting
+
+    cfg = RunConfig(variant="lenet", size=32, images=["astronaut"],
+                    attack={"preset": "ig", "iterations": 4, "tv_choices": [0.2, 1e-6], "control": True})
+    res = run_setting(cfg, out_dir=tmp_path, progress=False)
+    assert res.metrics["chosen_tv"] in (0.2, 1e-6) and res.metrics["control_chosen_tv"] in (0.2, 1e-6)
+    assert len(res.reconstruction.restart_images) == 2
+    assert torch.isfinite(res.reconstruction.images).all()
