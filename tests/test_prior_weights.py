@@ -55,3 +55,17 @@ def test_the_run_logs_the_chosen_weight(tmp_path):
     assert res.metrics["chosen_tv"] in (0.2, 1e-6) and res.metrics["control_chosen_tv"] in (0.2, 1e-6)
     assert len(res.reconstruction.restart_images) == 2
     assert torch.isfinite(res.reconstruction.images).all()
+
+
+def test_audit_levels_try_both_weights_unless_the_user_sets_one():
+    from suite.audit.plan import apply_to_levels, plan_audit
+
+    plan = plan_audit(RunConfig(variant="convnet", size=32), "quick")
+    by = {pl.number: pl for pl in plan.levels}
+    assert by[1].config.attack.tv_choices == [0.2, 1e-6] and by[6].config.attack.tv_choices == [0.052, 1e-6]
+    assert by[7].config.attack.tv_choices is None  # DLG has no prior to weigh
+    assert by[1].control.attack.tv_choices == [0.2, 1e-6]  # the positive control runs the same attack
+    assert "TV weights 0.2 and 1e-06 (lowest matching loss kept)" in plan.battery_lines()[0]
+    apply_to_levels(plan, {"attack.tv": 0.01})
+    assert (by[1].config.attack.tv_choices, by[1].config.attack.tv) == (None, 0.01)
+    assert by[1].control.attack.tv_choices is None

@@ -25,6 +25,11 @@ two audits of different models (or of the same model at two checkpoints) are com
 
 Levels 1, 3, 4, 5 use the ``ig`` preset (cosine matching + total variation), 2 and 6 ``gia_bn``, 7 ``dlg``. Every level runs the
 prior-only control (same start and budget, gradient term off), so the gradient's own gain is known.
+The TV prior's weight is not one number: ``ig``'s 0.2 is breaching's ImageNet value, which at 32 px
+swamps the gradient term where Geiping et al.'s value for untrained CIFAR nets (1e-6) inverts the
+same update. The ``ig`` and ``gia_bn`` levels therefore run each restart at both the preset's weight
+and ``WEAK_TV`` (``attack.tv_choices``) and keep the lowest final matching loss, the server's own
+selection rule, never the ground truth (``PRIOR_WEIGHTS``).
 Models without BatchNorm skip levels 2 and 3 (and level 6 keeps train mode); detection skips 4 and 7.
 
 Budgets: ``quick`` sets each level's budget by sensitivity. The level's positive control (the same
@@ -48,7 +53,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from suite.config import PRESETS
 from suite.errors import GistressError, close_matches
+
+# The prior weights an optimization level tries (attack.tv_choices): the preset's own and Geiping et
+# al.'s weight for untrained CIFAR nets, at which a 32 px ConvNet inverts where 0.2 does not
+# (docs/findings.md, "The prior's weight"). A --set attack.tv or attack.tv_choices replaces them.
+WEAK_TV = 1e-6
+PRIOR_WEIGHTS = {preset: (PRESETS[preset]["tv"], WEAK_TV) for preset in ("ig", "gia_bn")}
 
 # The realistic client every level starts from.
 REALISTIC = dict(bn_mode="train", update="gradient", shares_labels=True, bn_stats="none",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from suite.audit.battery import BATTERY, REALISTIC, Budget, ThreatLevel, budget_for
+from suite.audit.battery import BATTERY, PRIOR_WEIGHTS, REALISTIC, Budget, ThreatLevel, budget_for
 from suite.audit.positive_control import Reference, control_config, reference_for
 from suite.config import RunConfig, first_error
 from suite.errors import GistressError
@@ -104,7 +104,9 @@ class AuditPlan:
                 lines.append(f"{n}. {lv.key}: {lv.grants} [bn_mode={t.bn_mode}, update={t.update}"
                              + (f" x{t.local_steps} steps lr {t.local_lr}" if t.update == "fedavg" else "")
                              + f", shares_labels={str(t.shares_labels).lower()}, bn_stats={t.bn_stats}, "
-                             f"preset={a.preset}, {_budget_words(planned[n])} x {a.restarts} restart(s), "
+                             f"preset={a.preset}, {_budget_words(planned[n])} x {a.restarts} restart(s)"
+                             + (f" at TV weights {' and '.join(f'{w:g}' for w in a.tv_choices)} (lowest matching "
+                                "loss kept)" if a.tv_choices else "") + ", "
                              f"weights={planned[n].config.weights}, control on"
                              + (f", positive control on {planned[n].reference.label}" if planned[n].control else "")
                              + "]")
@@ -261,6 +263,8 @@ def _plan_level(number: int, lv: ThreatLevel, base: RunConfig, b: Budget, images
     iters = iterations or b.iterations_for(lv.preset)
     restarts = b.strongest_restarts if lv.strongest else 1
     attack = dict(preset=lv.preset, iterations=iters, restarts=restarts, control=not lv.closed_form)
+    if lv.preset in PRIOR_WEIGHTS:
+        attack["tv_choices"] = list(PRIOR_WEIGHTS[lv.preset])
     weights = base.weights
     if lv.eval_mode and has_bn and weights == "random":
         weights = "calibrated"
@@ -297,6 +301,8 @@ def apply_to_levels(plan, level_keys: dict) -> None:
     """Apply dotted ``threat.*`` / ``attack.*`` overrides to every planned level and its positive
     control, re-validating each config and recomputing the level's assumption level."""
     over = nest(level_keys)
+    if "tv" in over.get("attack", {}) and "tv_choices" not in over["attack"]:
+        over["attack"]["tv_choices"] = None  # the user's one weight replaces the level's choices
     for pl in plan.levels:
         try:
             pl.config = RunConfig(**deep_merge(pl.config.model_dump(), over))
