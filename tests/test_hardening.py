@@ -211,8 +211,6 @@ BAD_INPUTS = [
     ("checkpoint-other-architecture", lambda i: ATTACK + ["--variant", "convnet", "--size", "32",
                                                           "--weights", f"file:{i['ckpt']}"],
      ["lenet10.pt is for another architecture than convnet", "check the variant and its options"]),
-    ("eval-mode-random-weights", lambda i: ATTACK + ["--variant", "convnet", "--opt", "batchnorm=true", "--bn-mode", "eval"],
-     ["bn_mode=eval on random weights", "use --weights calibrated"]),
     ("defense-out-of-range", lambda i: ATTACK + ["--variant", "lenet", "--defense", "qsgd:0"],
      ["defense 'qsgd:0': bits must be in [1, 16]", "gistress attack --help"]),
     ("init-file-not-an-image", lambda i: ATTACK + ["--variant", "lenet", "--init", "file", "--init-file",

@@ -69,3 +69,16 @@ def test_audit_levels_try_both_weights_unless_the_user_sets_one():
     apply_to_levels(plan, {"attack.tv": 0.01})
     assert (by[1].config.attack.tv_choices, by[1].config.attack.tv) == (None, 0.01)
     assert by[1].control.attack.tv_choices is None
+
+
+def test_eval_mode_on_fresh_bn_statistics_runs_and_is_tagged(tmp_path):
+    """What Geiping et al.'s code attacks on an untrained net: eval mode on 0/1 BN statistics.
+    Allowed (SoK Tab. 4 / Fig. 9 reproductions need it), flagged as an upper bound and tagged."""
+    from suite.execution.runner import run_setting
+
+    cfg = RunConfig(variant="resnet18", variant_options={"stem": "cifar", "width": 8}, size=32, images=["astronaut"],
+                    threat={"bn_mode": "eval"}, attack={"preset": "ig", "iterations": 3})
+    res = run_setting(cfg, out_dir=tmp_path, progress=False)
+    assert "fresh in 20 BN layer(s)" in res.tags["bn_statistics"] and cfg.threat.upper_bound
+    calibrated = RunConfig(**{**cfg.model_dump(), "weights": "calibrated"})
+    assert "bn_statistics" not in run_setting(calibrated, out_dir=tmp_path / "c", progress=False).tags

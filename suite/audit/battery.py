@@ -11,7 +11,7 @@ two audits of different models (or of the same model at two checkpoints) are com
                         engine uses shared statistics only as a prior, so ``ig`` would ignore them).
 3. ``bn_eval``          1 with inference-mode BN (``bn_mode=eval``): an upper bound. Random weights
                         are replaced by data-calibrated BN statistics (eval mode on 0/1 running
-                        statistics is meaningless).
+                        statistics only rescales: an unnormalized net no client trains).
 4. ``labels_inferred``  1 with labels not shared: inferred from the gradient (classification only).
 5. ``fedavg``           FedAvg, 4 local SGD steps at lr 0.01, the server knows those values.
 6. ``strongest``        preset ``gia_bn`` with restarts, exact BN batch statistics, inference-mode

@@ -226,8 +226,8 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
                      "keeps train mode with no BN statistics")
     if model_has_bn and base.weights == "random":
         notes.append("weights=random: the inference-mode levels (3, 6) use BN statistics calibrated on "
-                     "data (weights=calibrated) because eval-mode BN on random 0/1 statistics is "
-                     "meaningless; a random model is not the checkpoint your clients train, so audit "
+                     "data (weights=calibrated) because eval-mode BN on random 0/1 statistics only "
+                     "rescales, leaving a network no client trains; a random model is not the checkpoint your clients train, so audit "
                      "that checkpoint with --weights file:<path>")
     return AuditPlan(base=base, budget=b, images=images, size=size, task=task, has_bn=model_has_bn, levels=levels,
                      skipped=skipped, notes=notes, iterations_override=iterations,

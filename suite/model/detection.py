@@ -196,8 +196,10 @@ def uncalibrated_bn_layers(model: nn.Module) -> list[str]:
 def eval_mode_requires_calibration(variant_or_model) -> bool:
     """True if eval-mode BN would use untouched running stats (0/1), i.e. the model needs BN calibration.
 
-    With fresh statistics every eval-mode BN is a fixed affine map, so gradients barely depend on the
-    input and an eval-mode attack is meaningless; calibrate BN on data or load trained weights first.
+    With fresh statistics every eval-mode BN only rescales (by 1/sqrt(1 + eps)): the network runs
+    unnormalized, which is no client's trained model but is what Geiping et al.'s code attacks on an
+    untrained net (a random CIFAR ResNet18 leaks at 24 dB that way; docs/findings.md). The audit
+    calibrates BN on data instead; a run records it in its ``bn_statistics`` tag.
     Accepts a Variant (anything with the module as ``.model``) or a module.
     """
     model = variant_or_model if isinstance(variant_or_model, nn.Module) else variant_or_model.model
