@@ -26,8 +26,9 @@ def test_quick_audit_positive_control_catches_the_reference_detector():
     """Level 1's positive control of a quick detection audit, run as the audit runs it (ig, 100
     iterations, train mode, boxes shared): what the attacker returns after its full budget (its
     own lowest-objective iterate, no ground truth involved) is the bus, far above the prior-only
-    control. Measured (torch 2.14, one thread): 20.6 dB against 11.2 dB, content gain +6.2 dB
-    against +0.2 dB, in about 30 s."""
+    control. Measured (torch 2.14, one thread): at the audit's two prior weights the matching loss
+    keeps 1e-6 and the bus comes back at 17.9 dB against 11.2 dB, content gain +6.6 dB against
+    +0.1 dB, in about 60 s (the preset's 0.2 alone: 20.6 dB, +6.2 dB)."""
     plan = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"], size=128, device="cpu"), "quick")
     control = plan.levels[0].control
     assert (control.variant, control.size, control.attack.preset, control.attack.iterations) == \
@@ -37,7 +38,8 @@ def test_quick_audit_positive_control_catches_the_reference_detector():
     m = result.metrics
     assert result.tags["task"] == "detection" and "boxes+classes" in result.tags["grants"]
     assert result.target.images.shape[-2:] == (32, 32)
-    assert m["psnr"] >= 19.0 and all(result.scores.leaked), m
+    assert control.attack.tv_choices == [0.2, 1e-6] and m["chosen_tv"] in (0.2, 1e-6)
+    assert m["psnr"] >= 17.0 and all(result.scores.leaked), m
     assert m["psnr"] - m["control_psnr"] >= 6.0, m
     region = result.target.content[0].tolist()
     gain = _content_gain(result.reconstruction.images[:1].cpu(), result.target.images[:1], region)
