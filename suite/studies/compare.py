@@ -109,36 +109,42 @@ def _finished(row: dict) -> bool:
     return row.get("status") == "FINISHED" and bool(row.get("metrics"))
 
 
+def other_axes(row: dict, exclude) -> tuple[tuple[str, str], ...]:
+    """A summary row's axis values other than ``exclude``, sorted: what its group shares."""
+    return tuple(sorted((k, v) for k, v in (row.get("axes") or {}).items() if k not in exclude))
+
+
+def axes_label(others: tuple[tuple[str, str], ...]) -> str:
+    """``other_axes`` in words, by the keys' last part: ``variant=resnet34 cut_skips=0``."""
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in others)
+
+
 def paired_changes(rows: Sequence[dict], axis: str, baseline: Any) -> list[Change]:
     """The changes of ``axis`` against its ``baseline`` value, paired by image, seed and the
     other axes, in the order the rows first show them. Rows are a study's summary rows."""
     base_value = short_value(baseline)
     keyed: dict[tuple, dict] = {}
-    order: list[tuple[str, str]] = []
+    order: list[tuple[str, tuple]] = []
     for row in rows:
         axes = row.get("axes") or {}
         if axis not in axes:
             continue
-        others = tuple(sorted((k, v) for k, v in axes.items() if k != axis))
-        group = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in others)
-        key = (axes[axis], others, str(row.get("seed")), str(row.get("image")))
-        keyed[key] = row
-        if axes[axis] != base_value and (axes[axis], group) not in order:
-            order.append((axes[axis], group))
+        others = other_axes(row, (axis,))
+        keyed[(axes[axis], others, str(row.get("seed")), str(row.get("image")))] = row
+        if axes[axis] != base_value and (axes[axis], others) not in order:
+            order.append((axes[axis], others))
     changes = []
     for value, group in order:
         pairs, unpaired = [], 0
         for (val, others, seed, image), row in keyed.items():
-            if val != value or " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in others) != group:
-                continue
-            if not _finished(row):
+            if (val, others) != (value, group) or not _finished(row):
                 continue
             partner = keyed.get((base_value, others, seed, image))
             if partner is None or not _finished(partner):
                 unpaired += 1
                 continue
             pairs.append((partner["metrics"], row["metrics"]))
-        change = Change(label=value, group=group, n_pairs=len(pairs), unpaired=unpaired)
+        change = Change(label=value, group=axes_label(group), n_pairs=len(pairs), unpaired=unpaired)
         for metric, sign in METRICS.items():
             diffs = [float(c[metric]) - float(b[metric]) for b, c in pairs if metric in b and metric in c]
             if not diffs:

@@ -102,6 +102,10 @@ class StudySpec(BaseModel):
     def _ids_as_text(cls, value):
         return image_ids(value)
 
+    def axes(self) -> dict[str, list[Any]]:
+        """Every grid and zip axis with its values."""
+        return {**self.grid, **{k: v for g in self.zip_groups() for k, v in g.items()}}
+
     def zip_groups(self) -> list[dict[str, list[Any]]]:
         """The zip groups as a list (a single mapping is one group)."""
         if self.zip is None:
@@ -230,30 +234,29 @@ def _validate_spec(spec: StudySpec, text: str) -> None:
     if spec.compare is not None:
         _check_compare(spec, where("compare"))
     if spec.sweep is not None:
-        axes = set(spec.grid) | {k for g in spec.zip_groups() for k in g}
         for axis in spec.sweep.axes:
-            if axis not in axes:
-                near = close_matches(axis, sorted(axes), n=1)
-                raise GistressError(
-                    f"sweep axis '{axis}' in {where('sweep')} is not an axis of the spec"
-                    + (f" (did you mean '{near}'?)" if near else ""),
-                    f"axes: {', '.join(sorted(axes)) or 'none (add a grid)'}",
-                )
+            if axis not in spec.axes():
+                raise _unknown_axis(f"sweep axis '{axis}' in {where('sweep')} is not an axis of the spec", axis,
+                                    spec.axes(), "none (add a grid)")
 
 
 def _check_compare(spec: StudySpec, where: str) -> None:
     """The compared axis must be one of the spec's axes and the baseline one of its values."""
-    axes = {**spec.grid, **{k: v for g in spec.zip_groups() for k, v in g.items()}}
+    axes = spec.axes()
     axis, baseline = spec.compare.axis, spec.compare.baseline
     if axis not in axes:
-        near = close_matches(axis, sorted(axes), n=1)
-        raise GistressError(
-            f"compare.axis '{axis}' in {where} is not an axis of the spec" + (f" (did you mean '{near}'?)" if near else ""),
-            f"axes: {', '.join(sorted(axes)) or 'none (add a grid or zip)'}",
-        )
+        raise _unknown_axis(f"compare.axis '{axis}' in {where} is not an axis of the spec", axis, axes,
+                            "none (add a grid or zip)")
     if baseline not in axes[axis]:
         raise GistressError(f"compare.baseline {baseline!r} in {where} is not one of {axis}'s values",
                             f"use one of: {', '.join(repr(v) for v in axes[axis])}")
+
+
+def _unknown_axis(message: str, axis: str, axes, none: str) -> GistressError:
+    """``message`` plus the nearest axis name, with the spec's axes as the hint (``none`` if it has none)."""
+    near = close_matches(axis, sorted(axes), n=1)
+    return GistressError(message + (f" (did you mean '{near}'?)" if near else ""),
+                         f"axes: {', '.join(sorted(axes)) or none}")
 
 
 def zips_grid_axes(grid: dict[str, list], profile_zip: dict[str, list]) -> bool:
@@ -277,7 +280,7 @@ def _check_profile(spec: StudySpec, pname: str, prof: dict, where: str) -> None:
         raise GistressError(f"profile '{pname}' in {where} is not a mapping", "write e.g. smoke: {size: 32}")
     overrides = {k: v for k, v in prof.items() if k not in STUDY_KEYS}
     check_keys(overrides, f"{where} (profile '{pname}')", extra=STUDY_KEYS)
-    axes = set(spec.grid) | {k for g in spec.zip_groups() for k in g}
+    axes = spec.axes()
     for key in ("grid", "zip"):
         sub = prof.get(key)
         if sub is None:
@@ -287,12 +290,8 @@ def _check_profile(spec: StudySpec, pname: str, prof: dict, where: str) -> None:
                                 "write e.g. grid: {attack.noise_p: [0.8, 1.0]}")
         for axis, values in sub.items():
             if axis not in axes:
-                near = close_matches(axis, sorted(axes), n=1)
-                raise GistressError(
-                    f"profile '{pname}' in {where} overrides axis '{axis}', which the spec does not have"
-                    + (f" (did you mean '{near}'?)" if near else ""),
-                    f"axes: {', '.join(sorted(axes)) or 'none'}",
-                )
+                raise _unknown_axis(f"profile '{pname}' in {where} overrides axis '{axis}', which the spec "
+                                    "does not have", axis, axes, "none")
             if not isinstance(values, list) or not values:
                 raise GistressError(f"profile '{pname}' axis '{axis}' in {where} must be a non-empty list",
                                     "write e.g. [0.8, 1.0]")

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from suite.studies.compare import axes_label, other_axes
+
 ORACLE_NOTE = "oracle: chosen by SSIM against the ground truth, an upper bound no server can select; never a verdict"
 
 
@@ -59,7 +61,7 @@ def sweep_groups(rows: Sequence[dict], axes: Sequence[str]) -> list[SweepGroup]:
     for row in rows:
         if row.get("status") != "FINISHED" or not row.get("metrics"):
             continue
-        others = tuple(sorted((k, v) for k, v in (row.get("axes") or {}).items() if k not in axes))
+        others = other_axes(row, axes)
         groups.setdefault((others, str(row.get("seed")), str(row.get("image"))), []).append(row)
     out = []
     for (others, seed, image), members in groups.items():
@@ -68,7 +70,7 @@ def sweep_groups(rows: Sequence[dict], axes: Sequence[str]) -> list[SweepGroup]:
             continue
         honest = min(scored, key=lambda r: float(r["metrics"]["matching_loss"]))
         oracle = max(scored, key=lambda r: float(r["metrics"]["ssim"]))
-        label = " ".join([*(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in others), f"seed={seed}", f"image={image}"])
+        label = " ".join(x for x in (axes_label(others), f"seed={seed}", f"image={image}") if x)
         out.append(SweepGroup(group=label, trials=len(scored), by_matching_loss=_pick(honest), oracle=_pick(oracle),
                               leaked_by_matching_loss=bool(honest["metrics"].get("leaked"))))
     return out
