@@ -337,7 +337,7 @@ class Attacker:
         spec = self.spec
         # attack.tv_choices: every restart once per prior weight; one pool, one selection rule
         weights = spec.tv_weights if spec.tv_choices else [None]
-        runs, run_tv, run_inits = [], [], []
+        runs, run_tv = [], []
         with math_attention():
             for i, weight in enumerate(weights):
                 prefix = "" if weight is None else f"tv{i}-"
@@ -353,7 +353,6 @@ class Attacker:
                 finally:
                     self.spec = spec
                 run_tv += [weight] * len(inits)
-                run_inits += list(inits)
             for run in runs:
                 x = self.to_pixels(run.candidate.detach())
                 images.append(x.cpu())
@@ -374,7 +373,7 @@ class Attacker:
         return Reconstruction(
             images=images[chosen].clamp(0, 1), matching_loss=losses[chosen],
             restart_images=[im.clamp(0, 1) for im in images], restart_losses=losses, chosen=chosen,
-            init=run_inits[chosen].detach().cpu().clamp(0, 1),
+            init=inits[chosen % len(inits)].detach().cpu().clamp(0, 1),  # every weight's runs share the starts
             labels=None if labels is None else labels.detach().cpu(), history=histories[chosen],
             diverged=diverged or None, restarts_diverged=sum(f is not None for f in failures),
             resumed_from=min((c.resumed_from for c in opened if c.resumed_from is not None), default=None),
