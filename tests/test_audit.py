@@ -414,3 +414,32 @@ def test_lenet_quick_audit_on_astronaut_reports_a_leak(workdir, store, capsys):
     # only DLG leaks (the other levels reach 12-13 dB), and the verdict says so, naming its level
     assert summary["leaking_levels"] == ["dlg"] and [k for k, r in rows.items() if r["leaked"]] == ["dlg"]
     assert summary["verdict"].startswith("Leaks only with the DLG attack") and "(leaked levels: 7)" in summary["verdict"]
+
+
+def test_audit_into_the_same_out_continues_from_saved_loops(workdir, store, capsys):
+    """A second run of the same audit into the same --out reloads every finished attack loop
+    (tag resumed_from_step at the last step) and reproduces its numbers; another seed into that
+    folder must not reuse them."""
+    argv = ["audit", "--variant", "lenet", "--image", "astronaut", "--iterations", "3", "--out", "out",
+            "--json", "--quiet", "--tracking-uri", store, "--no-positive-control"]
+    assert main(argv) == 0
+    printed, first = _output(capsys)
+    assert "continuing in" not in printed
+    saved = sorted((workdir / "out").glob("levels/*/*/checkpoints/*.pt"))
+    assert saved  # the final state of every attack (and control) loop stays beside its run
+
+    assert main(argv) == 0
+    printed, second = _output(capsys)
+    assert f"continuing in out: {len(saved)} saved attack loop(s)" in printed
+    psnr = lambda s: {r["key"]: r["psnr"] for r in s["rows"] if r["status"] == "finished"}  # noqa: E731
+    assert psnr(second) == psnr(first) and len(psnr(first)) >= 4
+    _, _, children = _runs(store, second["parent_run_id"])
+    resumed = {c.data.params["audit_level"]: c.data.tags.get("resumed_from_step") for c in children}
+    assert resumed and all(v == "astronaut=2" for v in resumed.values()), resumed
+
+    with pytest.warns(UserWarning, match="written for another setting"):
+        assert main([*argv, "--seed", "1"]) == 0
+    _, third = _output(capsys)
+    _, _, children = _runs(store, third["parent_run_id"])
+    assert all("resumed_from_step" not in c.data.tags for c in children)
+    assert psnr(third) != psnr(first)

@@ -7,10 +7,16 @@ runs each audited image as its own client batch of 1 through ``run_setting`` (or
 Per level the positive control runs first: at each budget of the level's schedule in turn
 (``PlannedLevel.budgets``: 100, 200, 400, ... up to the cap at ``quick``), each attempt its own
 child run, until it leaks; then the audited model runs at the budget the control stopped at.
+
+Every attack keeps its final checkpoint in its folder under ``out_dir/levels``, so running the
+same audit into the same ``out_dir`` again continues it: finished loops reload their saved end
+state (seconds) and an interrupted one resumes at its last save, under a new parent run. That is
+how an audit longer than a session or a job's time limit finishes (docs/audit.md).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import time
@@ -92,9 +98,13 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
     from suite.execution import lifecycle, tracking
 
     if runner is None:
-        from suite.execution.runner import run_setting as runner
+        from suite.execution.runner import run_setting
+
+        # each attack keeps its final checkpoint: the same audit into the same folder continues
+        runner = functools.partial(run_setting, keep_checkpoints=True)
     out = out or sys.stdout
     out_dir = Path(out_dir)
+    saved = sorted(out_dir.glob("levels/*/*/checkpoints/*.pt"))
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_reachable(uri)
     client = tracking.client_for(uri)
@@ -116,6 +126,9 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
     result.parent_run_id = parent_id
     print(f"audit of {plan.base.variant} ({plan.budget.name}): {len(plan.levels)} threat level(s) on "
           f"{len(plan.images)} image(s) at {plan.size} px; MLflow {uri} parent run {parent_id}", file=out)
+    if saved:
+        print(f"continuing in {out_dir}: {len(saved)} saved attack loop(s) there reload (finished) or resume "
+              "(interrupted); a loop saved for other settings starts afresh", file=out)
 
     planned = {p.number: p for p in plan.levels}
     skipped = {n: why for n, _, why in plan.skipped}
@@ -237,6 +250,10 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
                     res = runner(cfg, out_dir=level_dir / f"{i:02d}_{_safe(image)}", progress=progress,
                                  on_step=on_step)
                     sample = add_result(outcome, image, res)
+                    if (res.tags or {}).get("resumed_from_step"):  # this client batch continued a saved loop
+                        done = outcome.tags.get("resumed_from_step")
+                        here = f"{image}={res.tags['resumed_from_step']}"
+                        outcome.tags["resumed_from_step"] = f"{done};{here}" if done else here
                     _log_client(client, run_id, i, image, res)
                     ctrl = f", control {sample.control_psnr:.1f}" if sample.control_psnr is not None else ""
                     print(f"[{pl.number}/{n}] {label} · {image}: PSNR {sample.psnr:.1f} dB{ctrl}, "

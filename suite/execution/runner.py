@@ -177,13 +177,16 @@ def attacker_for(cfg: RunConfig, variant, obs, device, closed_form=None):
 
 def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
                 on_step: StepHook | None = None, prepared: Prepared | None = None,
-                on_images: ImageHook | None = None) -> RunResult:
+                on_images: ImageHook | None = None, keep_checkpoints: bool = False) -> RunResult:
     """Run one setting and write its artifacts into ``out_dir``; returns the RunResult.
 
     ``prepared``: the output of ``prepare_setting(cfg)`` when the caller checked the inputs
     first (the result is the same either way). ``on_images`` sees the iterate of the attack
     ("reconstruction") and of its prior-only control ("control") at every logged step of every
     restart, in the order the attacker logs them (tracking keeps a few for MLflow's image grids).
+    ``keep_checkpoints``: keep each loop's final checkpoint in ``out_dir``, so running the same
+    setting into the same folder again reloads the finished loops instead of repeating them
+    (``gistress audit`` continues that way; a study skips finished settings by config hash).
     """
     from suite.threat.client import Client
 
@@ -193,11 +196,12 @@ def run_setting(cfg: RunConfig, *, out_dir: Path, progress: bool = True,
     client = Client(variant.model, variant.task, cfg.threat, num_classes=variant.num_classes, seed=cfg.seed)
     obs = client.share(prepared.batch.to(prepared.device))
     return attack_observation(cfg, obs, prepared, out_dir=out_dir, progress=progress, on_step=on_step,
-                              on_images=on_images)
+                              on_images=on_images, keep_checkpoints=keep_checkpoints)
 
 
 def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path, progress: bool = True,
-                       on_step: StepHook | None = None, on_images: ImageHook | None = None) -> RunResult:
+                       on_step: StepHook | None = None, on_images: ImageHook | None = None,
+                       keep_checkpoints: bool = False) -> RunResult:
     """Attack an Observation that is already there and score the reconstruction: the second half
     of ``run_setting``, also used where the update came from elsewhere (``suite.federation``: the
     update a Flower server received). ``prepared.batch`` is the ground truth, used only to score
@@ -327,7 +331,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
 
     result = RunResult(config=cfg, target=batch, reconstruction=recon, scores=scores, control=control,
                        control_scores=control_scores, restart_scores=restart_scores, metrics=metrics, tags=tags)
-    result.artifacts = write_artifacts(result, out_dir)
+    result.artifacts = write_artifacts(result, out_dir, keep_checkpoints=keep_checkpoints)
     return result
 
 
@@ -347,7 +351,7 @@ def closed_form_inits(cfg: RunConfig, variant, obs, closed_form=None) -> tuple[l
     return inits, residual
 
 
-def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
+def write_artifacts(result: RunResult, out_dir: Path, keep_checkpoints: bool = False) -> dict[str, Path]:
     """target / init / reconstruction / control PNGs at their own size and upscaled to a legible
     one (``<name>_x<factor>.png``), the side-by-side comparison grid, config, metrics and tensor."""
     from suite.reports.images import save_png, side_by_side, upscale_factor
@@ -386,7 +390,8 @@ def write_artifacts(result: RunResult, out_dir: Path) -> dict[str, Path]:
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     arts["metrics"] = metrics_path
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done: nothing to resume
+    if not keep_checkpoints:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the run is done: nothing to resume
     return arts
 
 

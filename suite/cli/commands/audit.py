@@ -47,7 +47,9 @@ def add_parser(sub):
                         "fixed base budget runs")
     add_set_flag(b, SET_HELP)
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, help="output folder (default gistress-out/audit-<time>)")
+    o.add_argument("--out", default=None, help="output folder (default gistress-out/audit-<time>); run the same audit "
+                   "with the same --out again to continue it: finished attacks reload, an interrupted one "
+                   "resumes at its last save")
     o.add_argument("--experiment", default="gistress-audit", help="MLflow experiment name")
     o.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
     o.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
