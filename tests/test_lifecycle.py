@@ -35,7 +35,7 @@ def store(tmp_path_factory):
     return f"sqlite:///{tmp_path_factory.mktemp('lifecycle') / 'mlflow.db'}"
 
 
-def terminated_attack(cfg, *, out_dir, progress=True, on_step=None, prepared=None):
+def terminated_attack(cfg, *, out_dir, progress=True, on_step=None, prepared=None, keep_checkpoints=False):
     """A run_setting stand-in that is sent SIGTERM (scancel, a time limit) while it works."""
     if on_step is not None:
         on_step(0, {"matching_loss": 1.0})
