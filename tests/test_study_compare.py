@@ -142,6 +142,37 @@ def test_study_writes_and_logs_the_comparison(tmp_path, capsys):
     assert "paired against variant_options=base" in printed and "comparison:" in printed
     last = json.loads(printed.strip().splitlines()[-1])
     assert [x["change"] for x in last["comparison"]] == ["k=5", "k=1"]
+    assert last["also_compared"] == []
+
+
+def test_also_against_adds_a_table_per_further_baseline(tmp_path, capsys):
+    """compare.also_against: the same runs paired against another value ("cut deeper vs cut first")."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = tmp_path / "abl.yaml"
+    spec.write_text("name: abl\nbase: {variant: alpha, attack: {preset: ig, iterations: 2, log_every: 1}}\n"
+                    "grid:\n  variant_options.cut: [null, [0], [2]]\nseeds: [0, 1]\nimages: [astronaut]\n"
+                    "compare: {axis: variant_options.cut, baseline: null, also_against: [[0]]}\n")
+    out = run_study(spec, tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE, json_out=True)
+    assert out.exit_code == 0 and [c.label for c in out.changes] == ["0", "2"]
+    (vs0,) = out.also_compared
+    assert vs0.csv_path.name == "comparison_vs_0.csv" and vs0.figure.name == "comparison_vs_0.png"
+    assert [c.label for c in vs0.changes] == ["none", "2"]
+    # against [0], the uncut net's difference is minus the [0] cut's difference against the uncut net
+    with out.comparison_path.open() as a, vs0.csv_path.open() as b:
+        first, second = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert float(second[0]["psnr_mean"]) == pytest.approx(-float(first[0]["psnr_mean"]))
+    from mlflow import MlflowClient
+
+    arts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(out.parent_run_id)}
+    assert {"comparison_vs_0.csv", "comparison_vs_0_table.json"} <= arts
+    printed = capsys.readouterr().out
+    assert "paired against variant_options.cut=none" in printed and "paired against variant_options.cut=0" in printed
+    last = json.loads(printed.strip().splitlines()[-1])
+    assert last["also_compared"][0]["baseline"] == "0"
+    assert [x["change"] for x in last["also_compared"][0]["comparison"]] == ["none", "2"]
+    spec.write_text(spec.read_text().replace("also_against: [[0]]", "also_against: [[4]]"))
+    with pytest.raises(GistressError, match=r"compare.also_against \[4\] .* not one of variant_options.cut's values"):
+        expand_settings(spec)
 
 
 # ---------------------------------------------------------------------------------------------

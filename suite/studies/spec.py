@@ -14,7 +14,8 @@ A spec (``runs/*.yaml``) has::
       smoke: {attack.iterations: 4, size: 32, images: [astronaut]}
       paper: {attack.iterations: 10000}
     compare: {axis: variant_options, baseline: {}}   # ablations: pair each change with the
-                                                    # unmodified setting (suite.studies.compare)
+                                                    # unmodified setting (suite.studies.compare);
+                                                    # also_against: [v, ...] adds a table per value
     sweep: {axes: [attack.tv, attack.lr]}           # tuning: the server's and the oracle's pick
                                                     # per group (suite.studies.sweep)
     executor: {slurm_partition: gpu, gpus_per_node: 1, timeout_min: 600, slurm_array_parallelism: 8}
@@ -63,6 +64,8 @@ class CompareBlock(BaseModel):
 
     axis: str
     baseline: Any = None
+    # further baselines, each its own paired table (e.g. "cutting deeper vs cutting the first stage")
+    also_against: list[Any] = Field(default_factory=list)
 
 
 class SweepBlock(BaseModel):
@@ -247,9 +250,10 @@ def _check_compare(spec: StudySpec, where: str) -> None:
     if axis not in axes:
         raise _unknown_axis(f"compare.axis '{axis}' in {where} is not an axis of the spec", axis, axes,
                             "none (add a grid or zip)")
-    if baseline not in axes[axis]:
-        raise GistressError(f"compare.baseline {baseline!r} in {where} is not one of {axis}'s values",
-                            f"use one of: {', '.join(repr(v) for v in axes[axis])}")
+    for key, value in [("baseline", baseline)] + [("also_against", v) for v in spec.compare.also_against]:
+        if value not in axes[axis]:
+            raise GistressError(f"compare.{key} {value!r} in {where} is not one of {axis}'s values",
+                                f"use one of: {', '.join(repr(v) for v in axes[axis])}")
 
 
 def _unknown_axis(message: str, axis: str, axes, none: str) -> GistressError:

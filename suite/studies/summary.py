@@ -8,6 +8,7 @@ best effort: it never hides the runs' own outcome.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from suite.studies.expand import Setting, short_value
+
+
+@dataclass
+class Comparison:
+    """One paired table of an ablation: its changes against ``baseline`` and the files written."""
+
+    baseline: Any
+    changes: list  # suite.studies.compare.Change, one per change
+    csv_path: Path | None = None
+    figure: Path | None = None
 
 
 @dataclass
@@ -35,6 +46,7 @@ class StudyOutcome:
     changes: list = field(default_factory=list)  # suite.studies.compare.Change, one per change
     comparison_path: Path | None = None
     comparison_figure: Path | None = None
+    also_compared: list[Comparison] = field(default_factory=list)  # compare.also_against, one per value
     sweep: Any = None  # the spec's SweepBlock: the server's and the oracle's pick per group
     sweep_groups: list = field(default_factory=list)  # suite.studies.sweep.SweepGroup
     sweep_path: Path | None = None
@@ -69,6 +81,8 @@ class StudyOutcome:
             "figure": str(self.figure_path) if self.figure_path else None,
             "comparison_csv": str(self.comparison_path) if self.comparison_path else None,
             "comparison": [_change_json(c) for c in self.changes],
+            "also_compared": [{"baseline": short_value(c.baseline), "csv": str(c.csv_path) if c.csv_path else None,
+                               "comparison": [_change_json(x) for x in c.changes]} for c in self.also_compared],
             "sweep_csv": str(self.sweep_path) if self.sweep_path else None,
             "sweep": [{"group": g.group, "trials": g.trials, "by_matching_loss": vars(g.by_matching_loss),
                        "leaked_by_matching_loss": g.leaked_by_matching_loss, "oracle": vars(g.oracle)}
@@ -178,23 +192,37 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
 
 
 def _write_comparison(outcome: StudyOutcome, rows: list[dict], client, study_dir: Path) -> None:
-    """An ablation's paired differences: CSV and forest plot on disk and on the parent run."""
+    """An ablation's paired differences, against the baseline and each ``also_against`` value."""
+    axis = outcome.compare.axis
+    first = _one_comparison(axis, outcome.compare.baseline, rows, client, outcome.parent_run_id, study_dir,
+                            "comparison")
+    outcome.changes, outcome.comparison_path, outcome.comparison_figure = first.changes, first.csv_path, first.figure
+    outcome.also_compared = [
+        _one_comparison(axis, value, rows, client, outcome.parent_run_id, study_dir,
+                        "comparison_vs_" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", short_value(value)).strip("_") or "base"))
+        for value in outcome.compare.also_against]
+
+
+def _one_comparison(axis: str, baseline: Any, rows: list[dict], client, parent_id: str, study_dir: Path,
+                    stem: str) -> Comparison:
+    """One paired table: ``<stem>.csv`` and ``<stem>.png`` on disk and on the parent run, and the
+    table ``<stem>_table.json`` there."""
     from suite.reports.figures import paired_differences_figure
     from suite.studies.compare import paired_changes, records, write_comparison_csv
 
-    axis, baseline = outcome.compare.axis, outcome.compare.baseline
-    outcome.changes = paired_changes(rows, axis, baseline)
-    outcome.comparison_path = write_comparison_csv(outcome.changes, study_dir / "comparison.csv")
-    client.log_artifact(outcome.parent_run_id, str(outcome.comparison_path))
-    recs = records(outcome.changes)
+    changes = paired_changes(rows, axis, baseline)
+    out = Comparison(baseline, changes, csv_path=write_comparison_csv(changes, study_dir / f"{stem}.csv"))
+    client.log_artifact(parent_id, str(out.csv_path))
+    recs = records(changes)
     if recs:  # a table on the parent's artifacts page, beside the summary table
-        client.log_table(outcome.parent_run_id, {k: [r[k] for r in recs] for k in recs[0]}, "comparison_table.json")
+        client.log_table(parent_id, {k: [r[k] for r in recs] for k in recs[0]}, f"{stem}_table.json")
     entries = [(c.name, {m: (d.mean, d.low, d.high) for m, d in c.differences.items()})
-               for c in outcome.changes if c.differences]
-    outcome.comparison_figure = paired_differences_figure(
-        entries, study_dir / "comparison.png", baseline=f"{axis}={short_value(baseline)}")
-    if outcome.comparison_figure is not None:
-        client.log_artifact(outcome.parent_run_id, str(outcome.comparison_figure), "images")
+               for c in changes if c.differences]
+    out.figure = paired_differences_figure(entries, study_dir / f"{stem}.png",
+                                           baseline=f"{axis}={short_value(baseline)}")
+    if out.figure is not None:
+        client.log_artifact(parent_id, str(out.figure), "images")
+    return out
 
 
 def _reused_row(client, s: Setting, run_id: str, study_dir: Path) -> dict:
@@ -264,6 +292,8 @@ def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
     files = [(label, path.resolve()) for label, path in (("summary", outcome.csv_path), ("figure", outcome.figure_path),
                                                          ("comparison", outcome.comparison_path),
                                                          ("comparison figure", outcome.comparison_figure),
+                                                         *((f"comparison vs {short_value(c.baseline)}", c.csv_path)
+                                                           for c in outcome.also_compared),
                                                          ("sweep", outcome.sweep_path))
              if path]
     uri, exp_id = outcome.tracking_uri, outcome.experiment_id
@@ -273,7 +303,9 @@ def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
     if outcome.compare is not None:
         from suite.studies.compare import format_comparison
 
-        table += "\n\n" + format_comparison(outcome.changes, outcome.compare.axis, outcome.compare.baseline)
+        for baseline, changes in [(outcome.compare.baseline, outcome.changes),
+                                  *((c.baseline, c.changes) for c in outcome.also_compared)]:
+            table += "\n\n" + format_comparison(changes, outcome.compare.axis, baseline)
     if outcome.sweep is not None:
         from suite.studies.sweep import format_sweep
 
