@@ -418,10 +418,10 @@ def test_lenet_quick_audit_on_astronaut_reports_a_leak(workdir, store, capsys):
 
 def test_audit_into_the_same_out_continues_from_saved_loops(workdir, store, capsys):
     """A second run of the same audit into the same --out reloads every finished attack loop
-    (tag resumed_from_step at the last step) and reproduces its numbers; another seed into that
+    (tag audit.resumed at the last step) and reproduces its numbers; another seed into that
     folder must not reuse them."""
     argv = ["audit", "--variant", "lenet", "--image", "astronaut", "--iterations", "3", "--out", "out",
-            "--json", "--quiet", "--tracking-uri", store, "--no-positive-control"]
+            "--json", "--quiet", "--tracking-uri", store]
     assert main(argv) == 0
     printed, first = _output(capsys)
     assert "continuing in" not in printed
@@ -430,16 +430,19 @@ def test_audit_into_the_same_out_continues_from_saved_loops(workdir, store, caps
 
     assert main(argv) == 0
     printed, second = _output(capsys)
-    assert f"continuing in out: {len(saved)} saved attack loop(s)" in printed
+    assert f"continuing in out: {len(saved)} saved loop(s)" in printed
     psnr = lambda s: {r["key"]: r["psnr"] for r in s["rows"] if r["status"] == "finished"}  # noqa: E731
     assert psnr(second) == psnr(first) and len(psnr(first)) >= 4
     _, _, children = _runs(store, second["parent_run_id"])
-    resumed = {c.data.params["audit_level"]: c.data.tags.get("resumed_from_step") for c in children}
-    assert resumed and all(v == "astronaut=2" for v in resumed.values()), resumed
+    # every level and every positive control continued (lenet has no closed-form level)
+    kinds = {c.data.tags["gistress.kind"] for c in children}
+    assert kinds == {"audit_level", "audit_positive_control"}
+    resumed = [c.data.tags.get("audit.resumed") for c in children]
+    assert len(resumed) >= 8 and set(resumed) == {"astronaut=2"}, resumed
 
     with pytest.warns(UserWarning, match="written for another setting"):
         assert main([*argv, "--seed", "1"]) == 0
     _, third = _output(capsys)
     _, _, children = _runs(store, third["parent_run_id"])
-    assert all("resumed_from_step" not in c.data.tags for c in children)
+    assert all("audit.resumed" not in c.data.tags for c in children)
     assert psnr(third) != psnr(first)

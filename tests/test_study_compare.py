@@ -168,11 +168,17 @@ def test_also_against_adds_a_table_per_further_baseline(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "paired against variant_options.cut=none" in printed and "paired against variant_options.cut=0" in printed
     last = json.loads(printed.strip().splitlines()[-1])
-    assert last["also_compared"][0]["baseline"] == "0"
+    assert last["also_compared"][0]["baseline"] == [0] and last["also_compared"][0]["label"] == "0"
+    assert last["also_compared"][0]["comparison_figure"].endswith("comparison_vs_0.png")
     assert [x["change"] for x in last["also_compared"][0]["comparison"]] == ["none", "2"]
-    spec.write_text(spec.read_text().replace("also_against: [[0]]", "also_against: [[4]]"))
-    with pytest.raises(GistressError, match=r"compare.also_against \[4\] .* not one of variant_options.cut's values"):
-        expand_settings(spec)
+    text = spec.read_text()
+    for also, error in [("[[4]]", r"compare.also_against \[4\] .* not one of variant_options.cut's values"),
+                        ("[null]", r"compare.also_against None .* is the baseline itself"),
+                        ("[[0], [0]]", r"compare.also_against \[0\] .* repeats \[0\] \(both would write "
+                                       r"comparison_vs_0.csv\)")]:
+        spec.write_text(text.replace("also_against: [[0]]", f"also_against: {also}"))
+        with pytest.raises(GistressError, match=error):
+            expand_settings(spec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,13 @@ Per level the positive control runs first: at each budget of the level's schedul
 (``PlannedLevel.budgets``: 100, 200, 400, ... up to the cap at ``quick``), each attempt its own
 child run, until it leaks; then the audited model runs at the budget the control stopped at.
 
-Every attack keeps its final checkpoint in its folder under ``out_dir/levels``, so running the
-same audit into the same ``out_dir`` again continues it: finished loops reload their saved end
-state (seconds) and an interrupted one resumes at its last save, under a new parent run. That is
-how an audit longer than a session or a job's time limit finishes (docs/audit.md).
+Every optimization loop (attack and prior-only control, of the levels and of their positive
+controls) keeps its final checkpoint in its client batch's folder under ``out_dir/levels``, so
+running the same audit into the same ``out_dir`` again continues it: finished loops reload their
+saved end state (seconds) and an interrupted one resumes at its last save, under a new parent run
+whose levels carry ``audit.resumed`` (``image=step``). Closed-form levels have no loop and are
+solved again. That is how an audit longer than a session or a job's time limit finishes
+(docs/audit.md).
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
 
     A failing level ends its child FAILED (tag ``error``) and the audit goes on. Ctrl-C / SIGTERM
     end the running child and the parent KILLED, write the report of what exists and re-raise.
-    ``runner`` replaces ``suite.execution.runner.run_setting`` (tests).
+    The default runner keeps every loop's final checkpoint, so the same audit into the same
+    ``out_dir`` continues (module docstring). ``runner`` replaces
+    ``suite.execution.runner.run_setting`` (tests); a replacement decides its own checkpoints.
     """
     from suite.execution import lifecycle, tracking
 
@@ -127,7 +132,7 @@ def run_audit(plan: AuditPlan, *, out_dir: str | Path, experiment: str = "gistre
     print(f"audit of {plan.base.variant} ({plan.budget.name}): {len(plan.levels)} threat level(s) on "
           f"{len(plan.images)} image(s) at {plan.size} px; MLflow {uri} parent run {parent_id}", file=out)
     if saved:
-        print(f"continuing in {out_dir}: {len(saved)} saved attack loop(s) there reload (finished) or resume "
+        print(f"continuing in {out_dir}: {len(saved)} saved loop(s) there reload (finished) or resume "
               "(interrupted); a loop saved for other settings starts afresh", file=out)
 
     planned = {p.number: p for p in plan.levels}
@@ -250,10 +255,6 @@ def _run_level(outcome: LevelOutcome, pl: PlannedLevel, plan: AuditPlan, client,
                     res = runner(cfg, out_dir=level_dir / f"{i:02d}_{_safe(image)}", progress=progress,
                                  on_step=on_step)
                     sample = add_result(outcome, image, res)
-                    if (res.tags or {}).get("resumed_from_step"):  # this client batch continued a saved loop
-                        done = outcome.tags.get("resumed_from_step")
-                        here = f"{image}={res.tags['resumed_from_step']}"
-                        outcome.tags["resumed_from_step"] = f"{done};{here}" if done else here
                     _log_client(client, run_id, i, image, res)
                     ctrl = f", control {sample.control_psnr:.1f}" if sample.control_psnr is not None else ""
                     print(f"[{pl.number}/{n}] {label} · {image}: PSNR {sample.psnr:.1f} dB{ctrl}, "

@@ -199,10 +199,12 @@ def add_result(outcome: LevelOutcome, image: str, result) -> Sample:
     for key in ("grants", "lpips", "leak_rule", "task", "device", "calibrated_on", "closed_form"):
         if key in tags:
             outcome.tags.setdefault(key, tags[key])
-    if "inferred_labels" in tags:
-        prev = outcome.tags.get("inferred_labels")
-        outcome.tags["inferred_labels"] = f"{prev};{image}={tags['inferred_labels']}" if prev else \
-            f"{image}={tags['inferred_labels']}"
+    # per image, joined: the labels the attack inferred, and the step a continued audit's attack
+    # loop reloaded from (its earliest restart's; suite/audit/run.py)
+    for key, level_key in (("inferred_labels", "inferred_labels"), ("resumed_from_step", "audit.resumed")):
+        if key in tags:
+            prev = outcome.tags.get(level_key)
+            outcome.tags[level_key] = f"{prev};{image}={tags[key]}" if prev else f"{image}={tags[key]}"
     return sample
 
 

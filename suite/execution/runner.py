@@ -353,7 +353,8 @@ def closed_form_inits(cfg: RunConfig, variant, obs, closed_form=None) -> tuple[l
 
 def write_artifacts(result: RunResult, out_dir: Path, keep_checkpoints: bool = False) -> dict[str, Path]:
     """target / init / reconstruction / control PNGs at their own size and upscaled to a legible
-    one (``<name>_x<factor>.png``), the side-by-side comparison grid, config, metrics and tensor."""
+    one (``<name>_x<factor>.png``), the side-by-side comparison grid, config, metrics and tensor.
+    The loops' ``checkpoints/`` folder is removed (the run is done) unless ``keep_checkpoints``."""
     from suite.reports.images import save_png, side_by_side, upscale_factor
 
     out_dir.mkdir(parents=True, exist_ok=True)

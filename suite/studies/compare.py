@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,12 @@ class Change:
     def name(self) -> str:
         """The change as tables show it: group and value."""
         return f"{self.group} {self.label}".strip()
+
+
+def file_stem(baseline: Any) -> str:
+    """The file stem of the table paired against ``baseline`` when it is a further baseline
+    (``compare.also_against``): ``comparison_vs_<value>``, the value made safe for a file name."""
+    return "comparison_vs_" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", short_value(baseline)).strip("_") or "base")
 
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:

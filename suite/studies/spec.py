@@ -244,7 +244,11 @@ def _validate_spec(spec: StudySpec, text: str) -> None:
 
 
 def _check_compare(spec: StudySpec, where: str) -> None:
-    """The compared axis must be one of the spec's axes and the baseline one of its values."""
+    """The compared axis must be one of the spec's axes, and the baseline and every ``also_against``
+    value among its values; further baselines must differ from the baseline and from each other,
+    down to their file names (``comparison_vs_<value>``)."""
+    from suite.studies.compare import file_stem
+
     axes = spec.axes()
     axis, baseline = spec.compare.axis, spec.compare.baseline
     if axis not in axes:
@@ -254,6 +258,15 @@ def _check_compare(spec: StudySpec, where: str) -> None:
         if value not in axes[axis]:
             raise GistressError(f"compare.{key} {value!r} in {where} is not one of {axis}'s values",
                                 f"use one of: {', '.join(repr(v) for v in axes[axis])}")
+    stems: dict[str, Any] = {}
+    for value in spec.compare.also_against:
+        if value == baseline:
+            raise GistressError(f"compare.also_against {value!r} in {where} is the baseline itself",
+                                "list only the other values to pair against")
+        if file_stem(value) in stems:
+            raise GistressError(f"compare.also_against {value!r} in {where} repeats {stems[file_stem(value)]!r} "
+                                f"(both would write {file_stem(value)}.csv)", "list each value once")
+        stems[file_stem(value)] = value
 
 
 def _unknown_axis(message: str, axis: str, axes, none: str) -> GistressError:

@@ -8,7 +8,6 @@ best effort: it never hides the runs' own outcome.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,7 +80,9 @@ class StudyOutcome:
             "figure": str(self.figure_path) if self.figure_path else None,
             "comparison_csv": str(self.comparison_path) if self.comparison_path else None,
             "comparison": [_change_json(c) for c in self.changes],
-            "also_compared": [{"baseline": short_value(c.baseline), "csv": str(c.csv_path) if c.csv_path else None,
+            "also_compared": [{"baseline": c.baseline, "label": short_value(c.baseline),
+                               "comparison_csv": str(c.csv_path) if c.csv_path else None,
+                               "comparison_figure": str(c.figure) if c.figure else None,
                                "comparison": [_change_json(x) for x in c.changes]} for c in self.also_compared],
             "sweep_csv": str(self.sweep_path) if self.sweep_path else None,
             "sweep": [{"group": g.group, "trials": g.trials, "by_matching_loss": vars(g.by_matching_loss),
@@ -193,13 +194,14 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
 
 def _write_comparison(outcome: StudyOutcome, rows: list[dict], client, study_dir: Path) -> None:
     """An ablation's paired differences, against the baseline and each ``also_against`` value."""
+    from suite.studies.compare import file_stem
+
     axis = outcome.compare.axis
     first = _one_comparison(axis, outcome.compare.baseline, rows, client, outcome.parent_run_id, study_dir,
                             "comparison")
     outcome.changes, outcome.comparison_path, outcome.comparison_figure = first.changes, first.csv_path, first.figure
     outcome.also_compared = [
-        _one_comparison(axis, value, rows, client, outcome.parent_run_id, study_dir,
-                        "comparison_vs_" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", short_value(value)).strip("_") or "base"))
+        _one_comparison(axis, value, rows, client, outcome.parent_run_id, study_dir, file_stem(value))
         for value in outcome.compare.also_against]
 
 
@@ -292,8 +294,9 @@ def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
     files = [(label, path.resolve()) for label, path in (("summary", outcome.csv_path), ("figure", outcome.figure_path),
                                                          ("comparison", outcome.comparison_path),
                                                          ("comparison figure", outcome.comparison_figure),
-                                                         *((f"comparison vs {short_value(c.baseline)}", c.csv_path)
-                                                           for c in outcome.also_compared),
+                                                         *((f"comparison vs {short_value(c.baseline)}{what}", path)
+                                                           for c in outcome.also_compared
+                                                           for what, path in (("", c.csv_path), (" figure", c.figure))),
                                                          ("sweep", outcome.sweep_path))
              if path]
     uri, exp_id = outcome.tracking_uri, outcome.experiment_id
