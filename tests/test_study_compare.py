@@ -114,13 +114,17 @@ def test_ablation_specs_declare_their_baseline(path):
         assert spec.compare.baseline in values and any(v != spec.compare.baseline for v in values)
 
 
-def test_study_writes_and_logs_the_comparison(tmp_path, capsys):
+def _ablation(tmp_path, grid: str, compare: str):
+    """A two-seed ablation of the stand-in variant over ``grid``, run with the fake runner."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = tmp_path / "abl.yaml"
     spec.write_text("name: abl\nbase: {variant: alpha, attack: {preset: ig, iterations: 2, log_every: 1}}\n"
-                    "grid:\n  variant_options: [{}, {k: 5}, {k: 1}]\nseeds: [0, 1]\nimages: [astronaut]\n"
-                    "compare: {axis: variant_options, baseline: {}}\n")
-    out = run_study(spec, tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE, json_out=True)
+                    f"grid:\n  {grid}\nseeds: [0, 1]\nimages: [astronaut]\ncompare: {compare}\n")
+    return run_study(spec, tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE, json_out=True), uri, spec
+
+
+def test_study_writes_and_logs_the_comparison(tmp_path, capsys):
+    out, uri, _ = _ablation(tmp_path, "variant_options: [{}, {k: 5}, {k: 1}]", "{axis: variant_options, baseline: {}}")
     assert out.exit_code == 0 and [c.label for c in out.changes] == ["k=5", "k=1"]
     assert all(c.n_pairs == 2 for c in out.changes)
     with out.comparison_path.open() as fh:
@@ -147,12 +151,8 @@ def test_study_writes_and_logs_the_comparison(tmp_path, capsys):
 
 def test_also_against_adds_a_table_per_further_baseline(tmp_path, capsys):
     """compare.also_against: the same runs paired against another value ("cut deeper vs cut first")."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = tmp_path / "abl.yaml"
-    spec.write_text("name: abl\nbase: {variant: alpha, attack: {preset: ig, iterations: 2, log_every: 1}}\n"
-                    "grid:\n  variant_options.cut: [null, [0], [2]]\nseeds: [0, 1]\nimages: [astronaut]\n"
-                    "compare: {axis: variant_options.cut, baseline: null, also_against: [[0]]}\n")
-    out = run_study(spec, tracking_uri=uri, out_root=tmp_path / "out", runner=FAKE, json_out=True)
+    out, uri, spec = _ablation(tmp_path, "variant_options.cut: [null, [0], [2]]",
+                               "{axis: variant_options.cut, baseline: null, also_against: [[0]]}")
     assert out.exit_code == 0 and [c.label for c in out.changes] == ["0", "2"]
     (vs0,) = out.also_compared
     assert vs0.csv_path.name == "comparison_vs_0.csv" and vs0.figure.name == "comparison_vs_0.png"
