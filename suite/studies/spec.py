@@ -237,10 +237,11 @@ def _validate_spec(spec: StudySpec, text: str) -> None:
     if spec.compare is not None:
         _check_compare(spec, where("compare"))
     if spec.sweep is not None:
+        axes = spec.axes()
         for axis in spec.sweep.axes:
-            if axis not in spec.axes():
+            if axis not in axes:
                 raise _unknown_axis(f"sweep axis '{axis}' in {where('sweep')} is not an axis of the spec", axis,
-                                    spec.axes(), "none (add a grid)")
+                                    axes, "none (add a grid)")
 
 
 def _check_compare(spec: StudySpec, where: str) -> None:
@@ -263,10 +264,11 @@ def _check_compare(spec: StudySpec, where: str) -> None:
         if value == baseline:
             raise GistressError(f"compare.also_against {value!r} in {where} is the baseline itself",
                                 "list only the other values to pair against")
-        if file_stem(value) in stems:
-            raise GistressError(f"compare.also_against {value!r} in {where} repeats {stems[file_stem(value)]!r} "
-                                f"(both would write {file_stem(value)}.csv)", "list each value once")
-        stems[file_stem(value)] = value
+        stem = file_stem(value)
+        if stem in stems:
+            raise GistressError(f"compare.also_against {value!r} in {where} repeats {stems[stem]!r} "
+                                f"(both would write {stem}.csv)", "list each value once")
+        stems[stem] = value
 
 
 def _unknown_axis(message: str, axis: str, axes, none: str) -> GistressError:

@@ -42,13 +42,31 @@ class StudyOutcome:
     figure_path: Path | None = None
     interrupted: bool = False
     compare: Any = None  # the spec's CompareBlock (ablations): changes paired against the baseline
-    changes: list = field(default_factory=list)  # suite.studies.compare.Change, one per change
-    comparison_path: Path | None = None
-    comparison_figure: Path | None = None
-    also_compared: list[Comparison] = field(default_factory=list)  # compare.also_against, one per value
+    # one per paired table: against compare.baseline first, then each compare.also_against value
+    comparisons: list[Comparison] = field(default_factory=list)
     sweep: Any = None  # the spec's SweepBlock: the server's and the oracle's pick per group
     sweep_groups: list = field(default_factory=list)  # suite.studies.sweep.SweepGroup
     sweep_path: Path | None = None
+
+    @property
+    def changes(self) -> list:
+        """The changes paired against ``compare.baseline`` (empty without a compare block)."""
+        return self.comparisons[0].changes if self.comparisons else []
+
+    @property
+    def comparison_path(self) -> Path | None:
+        """``comparison.csv``: the table against ``compare.baseline``."""
+        return self.comparisons[0].csv_path if self.comparisons else None
+
+    @property
+    def comparison_figure(self) -> Path | None:
+        """``comparison.png``: the forest plot against ``compare.baseline``."""
+        return self.comparisons[0].figure if self.comparisons else None
+
+    @property
+    def also_compared(self) -> list[Comparison]:
+        """The tables against each ``compare.also_against`` value."""
+        return self.comparisons[1:]
 
     @property
     def counts(self) -> dict[str, int]:
@@ -196,13 +214,10 @@ def _write_comparison(outcome: StudyOutcome, rows: list[dict], client, study_dir
     """An ablation's paired differences, against the baseline and each ``also_against`` value."""
     from suite.studies.compare import file_stem
 
-    axis = outcome.compare.axis
-    first = _one_comparison(axis, outcome.compare.baseline, rows, client, outcome.parent_run_id, study_dir,
-                            "comparison")
-    outcome.changes, outcome.comparison_path, outcome.comparison_figure = first.changes, first.csv_path, first.figure
-    outcome.also_compared = [
-        _one_comparison(axis, value, rows, client, outcome.parent_run_id, study_dir, file_stem(value))
-        for value in outcome.compare.also_against]
+    compare = outcome.compare
+    outcome.comparisons = [
+        _one_comparison(compare.axis, value, rows, client, outcome.parent_run_id, study_dir, stem)
+        for value, stem in [(compare.baseline, "comparison"), *((v, file_stem(v)) for v in compare.also_against)]]
 
 
 def _one_comparison(axis: str, baseline: Any, rows: list[dict], client, parent_id: str, study_dir: Path,
@@ -306,9 +321,8 @@ def print_summary(outcome: StudyOutcome, out, json_out: bool) -> None:
     if outcome.compare is not None:
         from suite.studies.compare import format_comparison
 
-        for baseline, changes in [(outcome.compare.baseline, outcome.changes),
-                                  *((c.baseline, c.changes) for c in outcome.also_compared)]:
-            table += "\n\n" + format_comparison(changes, outcome.compare.axis, baseline)
+        for c in outcome.comparisons:
+            table += "\n\n" + format_comparison(c.changes, outcome.compare.axis, c.baseline)
     if outcome.sweep is not None:
         from suite.studies.sweep import format_sweep
 
