@@ -181,6 +181,22 @@ def test_also_against_adds_a_table_per_further_baseline(tmp_path, capsys):
             expand_settings(spec)
 
 
+def test_a_figure_that_fails_costs_only_the_figure(tmp_path, capsys, monkeypatch):
+    """Each summary part is written on its own: a broken figure leaves the tables and summary.json."""
+    from suite.reports import figures
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(figures, "study_figure", broken)
+    out, _, _ = _ablation(tmp_path, "variant_options: [{}, {k: 5}]", "{axis: variant_options, baseline: {}}")
+    assert out.exit_code == 0 and out.figure_path is None
+    assert "warning: study summary incomplete: figure not written (RuntimeError: no display)" in capsys.readouterr().err
+    assert out.comparison_path.is_file() and [c.label for c in out.changes] == ["k=5"]
+    saved = json.loads((out.csv_path.parent / "summary.json").read_text())
+    assert [x["change"] for x in saved["comparison"]] == ["k=5"]
+
+
 # ---------------------------------------------------------------------------------------------
 # tuning sweeps: the server's pick and the oracle's (suite.studies.sweep)
 # ---------------------------------------------------------------------------------------------

@@ -138,7 +138,6 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
     ``results``: this invocation's rows by setting index; ``reused``: setting index -> the
     earlier FINISHED run that resume kept.
     """
-    from suite.reports import figures
 
     parent_id = outcome.parent_run_id
     # Children this invocation started but got no row for (interrupted, worker gone): their
@@ -170,44 +169,72 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
                    image=s.image, row_label=s.row_label, config_hash=s.config_hash, variant=s.config.variant)
         rows.append(row)
     outcome.rows = rows
-    try:
-        outcome.csv_path = figures.write_summary_csv(rows, study_dir / "summary.csv")
-        client.log_artifact(parent_id, str(outcome.csv_path))
-        from suite.execution.mlflow_ui import save_study_view, summary_table
+    # Each part is guarded on its own: a figure that fails to render must not cost the comparison
+    # tables or summary.json, and no part may hide the runs' own outcome.
+    parts = [("summary table", lambda: _write_summary_table(outcome, rows, client, study_dir)),
+             ("figure", lambda: _write_figure(outcome, rows, client, study_dir))]
+    if outcome.compare is not None:
+        parts.append(("paired comparison", lambda: _write_comparison(outcome, rows, client, study_dir)))
+    if outcome.sweep is not None:
+        parts.append(("sweep table", lambda: _write_sweep(outcome, rows, client, study_dir)))
+    parts.append(("summary.json", lambda: _write_counts_and_json(outcome, client, study_dir)))
+    for what, write in parts:
+        try:
+            write()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            print(f"warning: study summary incomplete: {what} not written ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
 
-        # the runs-table view first: it is what `gistress ui` opens, whatever fails after it
-        save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile,
-                        parent_run_id=parent_id)
-        table = summary_table(rows)
-        if table:  # the same table, rendered as a table on the parent's artifacts page
-            client.log_table(parent_id, table, "summary_table.json")
-        from suite.execution.mlflow_names import FIGURES_DIR
 
-        # runs logged before the PNGs moved to figures/ keep them in images/
-        outcome.figure_path = figures.study_figure(rows, study_dir / "figure.png", title=outcome.study,
-                                                   client=client, cache_dir=study_dir / ".artifact-cache",
-                                                   folders=(FIGURES_DIR, "images"))
-        if outcome.figure_path is not None:
-            from PIL import Image
+def _write_summary_table(outcome: StudyOutcome, rows: list[dict], client, study_dir: Path) -> None:
+    """summary.csv, the saved runs-table view `gistress ui` opens, and the parent's table."""
+    from suite.execution.mlflow_ui import save_study_view, summary_table
+    from suite.reports import figures
 
-            with Image.open(outcome.figure_path) as im:
-                client.log_image(parent_id, im.convert("RGB"), artifact_file=f"images/{figures.comparison_name(rows)}")
-        if outcome.compare is not None:
-            _write_comparison(outcome, rows, client, study_dir)
-        if outcome.sweep is not None:
-            from suite.studies.sweep import sweep_groups, write_sweep_csv
+    parent_id = outcome.parent_run_id
+    outcome.csv_path = figures.write_summary_csv(rows, study_dir / "summary.csv")
+    client.log_artifact(parent_id, str(outcome.csv_path))
+    # the runs-table view first: it is what `gistress ui` opens, whatever fails after it
+    save_study_view(client, outcome.experiment_id, rows, study=outcome.study, profile=outcome.profile,
+                    parent_run_id=parent_id)
+    table = summary_table(rows)
+    if table:  # the same table, rendered as a table on the parent's artifacts page
+        client.log_table(parent_id, table, "summary_table.json")
 
-            outcome.sweep_groups = sweep_groups(rows, outcome.sweep.axes)
-            outcome.sweep_path = write_sweep_csv(outcome.sweep_groups, study_dir / "sweep.csv")
-            client.log_artifact(parent_id, str(outcome.sweep_path))
-        counts = outcome.counts
-        for status, n in counts.items():
-            client.set_tag(parent_id, f"n_{status.lower()}", str(n))
-        (study_dir / "summary.json").write_text(json.dumps(outcome.to_json(), indent=2, default=str))
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # the summary must not hide the runs' own outcome
-        print(f"warning: study summary incomplete ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+def _write_figure(outcome: StudyOutcome, rows: list[dict], client, study_dir: Path) -> None:
+    """The study's image grid, on disk and on the parent run."""
+    from suite.execution.mlflow_names import FIGURES_DIR
+    from suite.reports import figures
+
+    # runs logged before the PNGs moved to figures/ keep them in images/
+    outcome.figure_path = figures.study_figure(rows, study_dir / "figure.png", title=outcome.study,
+                                               client=client, cache_dir=study_dir / ".artifact-cache",
+                                               folders=(FIGURES_DIR, "images"))
+    if outcome.figure_path is not None:
+        from PIL import Image
+
+        with Image.open(outcome.figure_path) as im:
+            client.log_image(outcome.parent_run_id, im.convert("RGB"),
+                             artifact_file=f"images/{figures.comparison_name(rows)}")
+
+
+def _write_sweep(outcome: StudyOutcome, rows: list[dict], client, study_dir: Path) -> None:
+    """A sweep's per-group table (sweep.csv)."""
+    from suite.studies.sweep import sweep_groups, write_sweep_csv
+
+    outcome.sweep_groups = sweep_groups(rows, outcome.sweep.axes)
+    outcome.sweep_path = write_sweep_csv(outcome.sweep_groups, study_dir / "sweep.csv")
+    client.log_artifact(outcome.parent_run_id, str(outcome.sweep_path))
+
+
+def _write_counts_and_json(outcome: StudyOutcome, client, study_dir: Path) -> None:
+    """Status counts as parent tags, and summary.json with whatever the other parts produced."""
+    for status, n in outcome.counts.items():
+        client.set_tag(outcome.parent_run_id, f"n_{status.lower()}", str(n))
+    (study_dir / "summary.json").write_text(json.dumps(outcome.to_json(), indent=2, default=str))
 
 
 def _write_comparison(outcome: StudyOutcome, rows: list[dict], client, study_dir: Path) -> None:
