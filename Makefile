@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 venv: $(STAMP)
 
+# one pytest worker per core (at most 4): the tests run single-threaded (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check suite variants bench tests examples
