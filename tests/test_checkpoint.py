@@ -47,7 +47,11 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_ends(tmp_path,
     saved = sorted(p.name for p in (tmp_path / "again" / "checkpoints").iterdir())
     assert saved == ["attack-restart0.pt", "attack-restart1.pt"]
 
-    resumed = run_setting(_cfg(), out_dir=tmp_path / "again", progress=False)
+    curve: list[int] = []
+    resumed = run_setting(_cfg(), out_dir=tmp_path / "again", progress=False,
+                          on_step=lambda step, record: curve.append(step))
+    # the step curves start at 0 again: steps logged before the kill are replayed from the checkpoint
+    assert sorted(set(curve)) == [r["step"] for r in whole.reconstruction.history] == [0, 5, 10, 15, 20, 25, 29]
     # the kill came while step 10 was being logged, before its save: restart 1 resumes after step 5
     # (restart 0 had finished: its saved end state is used as it is)
     assert resumed.tags["resumed_from_step"] == "5"

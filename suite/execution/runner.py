@@ -219,6 +219,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
         inits, start_residual = closed_form_inits(cfg, variant, obs, prepared.closed_form)
 
     bar = _progress(cfg, progress)
+    logged_live: set[int] = set()
 
     def callback(step, record, x):
         # ground truth for the record only: these curves and the oracle snapshot never steer the attack
@@ -229,6 +230,7 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
             on_images("reconstruction", step, x)
         if on_step is not None:
             on_step(step, {**record, **extra})
+            logged_live.add(step)
         if bar is not None:
             bar.update(step + 1 - bar.n)
             bar.set_postfix(loss=f"{record['matching_loss']:.4f}", psnr=f"{extra['psnr']:.1f}")
@@ -240,6 +242,12 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     recon = attacker.reconstruct(inits, callback=callback, **resumable)
     if bar is not None:
         bar.close()
+    if on_step is not None and recon.resumed_from is not None:
+        # the steps before the resume were logged by the killed process (into its own MLflow run):
+        # replay them from the restored history, so this run's curves start at step 0
+        for record in recon.history:
+            if record["step"] not in logged_live:
+                on_step(record["step"], record)
     rule = leak_rule(cfg)
     control = control_scores = None
     # a closed form has no prior to run alone: no prior-only control
