@@ -138,7 +138,6 @@ def summarize(outcome: StudyOutcome, settings: Sequence[Setting], results: dict[
     ``results``: this invocation's rows by setting index; ``reused``: setting index -> the
     earlier FINISHED run that resume kept.
     """
-
     parent_id = outcome.parent_run_id
     # Children this invocation started but got no row for (interrupted, worker gone): their
     # status as MLflow has it after the sweep.
