@@ -13,6 +13,7 @@ import torch
 
 import variants
 from suite import data
+from suite.federation.harness import ENV, load_record
 from suite.federation.observation import observation_from_round, server_threat
 from suite.threat.client import Client
 from suite.threat.threat_model import ThreatModel
@@ -55,7 +56,6 @@ EXAMPLES = {"lenet": [], "yolov8n": ["model='yolov8n'", "image-size=64", "lr=0.0
 def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path):
     """Both example federations, one after the other on one deployment (its start-up is paid once)."""
     pytest.importorskip("flwr")
-    from suite.federation.harness import ENV, load_record
     from suite.federation.local import LocalDeployment
 
     assert "ray" not in sys.modules
@@ -68,7 +68,7 @@ def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path):
         for model in sorted(EXAMPLES):
             code = deployment.run(APP, ["num-server-rounds=1", "attack-iterations=1", *EXAMPLES[model]], timeout=180)
             assert code == 0, deployment.log_tail()
-            check_round_one(out, harness, model, load_record)
+            check_round_one(out, harness, model)
             # both runs write round1-node<id>: move this run's files aside before the next one
             out.rename(tmp_path / f"out-{model}")
             harness.rename(tmp_path / f"harness-{model}")
@@ -78,7 +78,7 @@ def test_the_attacker_receives_the_clientapps_delta_bit_for_bit(tmp_path):
     print(f"deployment test: {time.perf_counter() - t0:.0f} s")
 
 
-def check_round_one(out: Path, harness: Path, model: str, load_record) -> None:
+def check_round_one(out: Path, harness: Path, model: str) -> None:
     """The server attacked both clients of round 1 on exactly the delta each ClientApp sent."""
     attacked = sorted(out.glob("round1-node*/update.pt"))
     assert len(attacked) == 2, list(out.rglob("*"))  # the example audits both clients of round 1
