@@ -284,10 +284,11 @@ def test_conclusion_wording():
     plan = audit.AuditPlan(base=RunConfig(variant="lenet"), budget=audit.BUDGETS["quick"], images=["a", "b"],
                            size=32, task="classification", has_bn=True, levels=[], skipped=[], notes=[])
 
-    def outcome(n, psnrs, gain=5.0, upper=False):
+    def outcome(n, psnrs, gain=5.0, upper=False, content=3.0):
         lv = audit.BATTERY[n - 1]
         o = audit.LevelOutcome(n, lv, "FINISHED", assumption_level=1, upper_bound=upper)
-        o.samples = [audit.Sample(f"i{j}", p, 0.5, None, p >= 18, gain, p - gain) for j, p in enumerate(psnrs)]
+        o.samples = [audit.Sample(f"i{j}", p, 0.5, None, p >= 18, gain, p - gain, content)
+                     for j, p in enumerate(psnrs)]
         o.attempts_leaked = [s.leaked for s in o.samples]
         return o
 
@@ -297,8 +298,13 @@ def test_conclusion_wording():
     text = audit.conclusion(plan, real)
     assert text.startswith("Leaks under the realistic setting (level 1)") and "50%" in text
     assert "Also leaked: strongest" in text
-    # a leak the prior explains (gradient gain under 1 dB) is called out
-    assert "the image prior, not the update" in audit.conclusion(plan, [outcome(3, [19, 19], gain=0.2, upper=True)])
+    assert "colours or contrast are off" not in text
+    # a leak below its control in PSNR (the rule found content the control lacks) is called out,
+    # from the leaked images only
+    odd = audit.conclusion(plan, [outcome(7, [19, 8], gain=-2.6, content=2.8)])
+    assert ("At level 7 the leaked reconstructions score -2.6 dB against their prior-only control in PSNR"
+            in odd and "content gain +2.8 dB over the control's" in odd)
+    assert "the image prior, not the update" not in odd
     o = real[0]
     assert o.brr == 0.5 and o.median("psnr") == 16.0 and o.median("lpips") is None
     assert [label for label, _ in o.best_and_median()] == ["best", "median"]
