@@ -92,6 +92,23 @@ def test_known_noise_psnr_matches_formula_and_ssim_drops():
     assert quick == pytest.approx(s.psnr, abs=0.01)
 
 
+def test_per_step_scores_read_the_content_region_as_the_final_score():
+    # a letterboxed target: grey padding the attack need not match, content in the middle rows.
+    # The per-step curves (and the best-snapshot oracle built on them) must score the same pixels
+    # as the result, or the last snapshot and the returned image disagree (8.85 vs 8.47 dB measured)
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((2, 3, 16, 16), 0.5)
+    x[:, :, 4:12] = torch.rand(2, 3, 8, 16, generator=g)
+    recon = torch.rand(2, 3, 16, 16, generator=g)
+    content = torch.tensor([[0, 4, 16, 12]] * 2)
+    final = [metrics.score(x[i : i + 1], recon[i : i + 1], content=content[i : i + 1], use_lpips=False)
+             for i in range(2)]  # one target each: no matching between them
+    assert metrics.psnr_per_sample(recon, x, content) == pytest.approx([f.psnr[0] for f in final], abs=1e-4)
+    assert metrics.ssim_per_sample(recon, x, content) == pytest.approx([f.ssim[0] for f in final], abs=1e-4)
+    whole = metrics.psnr_per_sample(recon, x)
+    assert all(abs(w - f.psnr[0]) > 0.1 for w, f in zip(whole, final))
+
+
 def test_recon_is_clamped_and_nan_does_not_crash():
     x = _images(b=2)
     s = metrics.score(x, x + 5.0, use_lpips=False)  # clamps to all-ones

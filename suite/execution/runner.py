@@ -224,7 +224,9 @@ def attack_observation(cfg: RunConfig, obs, prepared: Prepared, *, out_dir: Path
     def callback(step, record, x):
         # ground truth for the record only: these curves and the oracle snapshot never steer the attack
         x = x.cpu()
-        values, ssims = psnr_per_sample(batch.images, x), ssim_per_sample(x, batch.images)
+        # inside the letterbox content, as the final score: a step's numbers and the result's compare
+        values = psnr_per_sample(x, batch.images, batch.content)
+        ssims = ssim_per_sample(x, batch.images, batch.content)
         extra = {"psnr": sum(values) / len(values), "ssim": sum(ssims) / len(ssims)}
         if on_images is not None:
             on_images("reconstruction", step, x)

@@ -304,25 +304,31 @@ def _unmatched_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     return a, b.detach().float().to(a.device).clamp(0, 1)
 
 
+def _unmatched_crops(a: torch.Tensor, b: torch.Tensor, content) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    a, b = _unmatched_pair(a, b)
+    regions = _regions(content, a.shape[0], a.shape[-2], a.shape[-1])
+    return [(_crop(a[i : i + 1], r), _crop(b[i : i + 1], r)) for i, r in enumerate(regions)]
+
+
 @torch.no_grad()
-def psnr_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
-    """PSNR (dB, capped at ``PSNR_CAP``) of a[i] vs b[i] over whole images; no matching, no LPIPS.
+def psnr_per_sample(a: torch.Tensor, b: torch.Tensor, content: torch.Tensor | None = None) -> list[float]:
+    """PSNR (dB, capped at ``PSNR_CAP``) of the iterate a[i] vs the target b[i]; no matching, no LPIPS.
 
     Cheap enough for the attacker's every-k-steps callback. Both inputs are clamped to [0, 1].
+    ``content``: (B, 4) xyxy regions (``Batch.content``) to score inside, as ``score`` does, so a
+    step's PSNR and the final one read the same pixels (letterboxed detection images); None: whole images.
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    a, b = _unmatched_pair(a, b)
-    vals = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return [_cap(float(v)) for v in vals.reshape(-1)]
+    return [_cap(float(peak_signal_noise_ratio(x, t, data_range=1.0))) for x, t in _unmatched_crops(a, b, content)]
 
 
 @torch.no_grad()
-def ssim_per_sample(a: torch.Tensor, b: torch.Tensor) -> list[float]:
-    """SSIM of a[i] vs b[i] over whole images, no matching: what the papers' ground-truth snapshot
-    selection reads (an oracle: the runner logs it per step, nothing decides with it)."""
-    a, b = _unmatched_pair(a, b)
-    return [_ssim(a[i : i + 1], b[i : i + 1]) for i in range(a.shape[0])]
+def ssim_per_sample(a: torch.Tensor, b: torch.Tensor, content: torch.Tensor | None = None) -> list[float]:
+    """SSIM of the iterate a[i] vs the target b[i], no matching, inside ``content`` as
+    ``psnr_per_sample``: what the papers' ground-truth snapshot selection reads (an oracle: the
+    runner logs it per step, nothing decides with it)."""
+    return [_ssim(x, t) for x, t in _unmatched_crops(a, b, content)]
 
 
 def best_snapshot(history: Sequence[dict]) -> dict[str, float] | None:
