@@ -56,8 +56,6 @@ def test_detection_audit_plans_the_reference_at_every_level():
     plan = audit.plan_audit(RunConfig(variant="yolov8n", images=["bus"], size=128), "quick")
     assert plan.reference == "yolo-ref"
     assert any("on a model known to leak (yolo-ref at 32 px" in n for n in plan.notes)
-    assert any(n.startswith("no positive control at level(s) 5 (preset ig, update fedavg)") and
-               "reads 'inconclusive'" in n for n in plan.notes)
     assert [p.level.key for p in plan.levels] == ["realistic", "bn_running", "bn_eval", "fedavg", "strongest"]
     for p in plan.levels:
         c = p.control

@@ -199,12 +199,6 @@ def plan_audit(base: RunConfig, budget: str = "quick", *, iterations: int | None
                      f"(resized to the reference's size), on a model known to leak ({used}); a level that did "
                      "not leak reads 'no leak at this budget' only where its positive control leaked, else "
                      "'inconclusive'")
-        bare = [p for p in levels if p.reference is None and not p.level.closed_form]
-        if bare:  # say why those rows can only read leak or inconclusive
-            notes.append(f"no positive control at level(s) {', '.join(str(p.number) for p in bare)} "
-                         f"({'; '.join(f'preset {p.level.preset}, update {p.config.threat.update}' for p in bare)}): "
-                         f"no known-leaky {task} reference has been measured to leak there within a CPU "
-                         "budget, so a quiet level reads 'inconclusive'")
         differ = [p for p in levels if p.reference is not None and p.reference.size != size]
         if differ:
             at = sorted({p.reference.size for p in differ})
