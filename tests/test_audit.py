@@ -149,19 +149,18 @@ def test_yolo_quick_audit_skips_label_level_and_records_boxes(workdir, store, ca
     assert rows["dlg"]["status"].startswith("skipped: detection")
     # the boxes are a grant of the client's own batch: SoK level 4 at every detection level
     assert all(rows[k]["assumption_level"] == 4 for k in ran)
-    # every gradient level ran its positive control on the reference detector (FedAvg has no
-    # detection reference); at 2 iterations it cannot leak, so a quiet level is inconclusive
+    # every gradient level, FedAvg included, ran its positive control on the reference detector,
+    # and the report shows its PSNR; at 2 iterations it cannot leak, so a quiet level is inconclusive
     assert summary["positive_control"] == "yolo-ref"
-    checked = [k for k in ran if k != "fedavg"]
-    assert all(rows[k]["positive_control_status"] == "finished" for k in checked)
-    assert rows["fedavg"]["positive_control_status"] != "finished"
+    assert all(rows[k]["positive_control_status"] == "finished" for k in ran)
+    assert all(isinstance(rows[k]["positive_control_psnr"], float) for k in ran)
     assert all(rows[k]["verdict"] in ("leak", "inconclusive") for k in ran)
     assert "ground-truth boxes and classes" in verdict["verdict"]
     _, parent, children = _runs(store, summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
     controls = [c for c in children if c.data.tags["gistress.kind"] == "audit_positive_control"]
     children = [c for c in children if c.data.tags["gistress.kind"] == "audit_level"]
-    assert len(children) == 5 and len(controls) == 4 and {c.info.status for c in children + controls} == {"FINISHED"}
+    assert len(children) == 5 and len(controls) == 5 and {c.info.status for c in children + controls} == {"FINISHED"}
     assert {(c.data.params["variant"], c.data.params["size"]) for c in controls} == {("yolo-ref", "32")}
     grants = {c.data.params["audit_level"]: json.loads(c.data.tags["grants"]) for c in children}
     assert all(g["labels"] == "boxes+classes" for g in grants.values())
@@ -355,10 +354,9 @@ def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
     iters = {p.level.key: (p.config.attack.iterations, p.config.attack.restarts) for p in thorough.levels}
     assert "dlg" not in iters
     # every detection level checks its budget on the reference detector, at its own 32 px
-    # (FedAvg's 4-step delta has no detection reference: level 5 plans none and stays inconclusive)
-    assert {(p.control.variant, p.control.size, p.control.attack.iterations) for p in thorough.levels
-            if p.level.key != "fedavg"} == {("yolo-ref", 32, 24000), ("yolo-ref", 32, 10000)}
-    assert {p.level.key for p in thorough.levels if p.control is None} == {"fedavg"}
+    assert {(p.control.variant, p.control.size, p.control.attack.iterations) for p in thorough.levels} \
+        == {("yolo-ref", 32, 24000), ("yolo-ref", 32, 10000)}
+    assert all(p.control is not None for p in thorough.levels)
     assert iters == {"realistic": (24000, 1), "bn_running": (10000, 1), "bn_eval": (24000, 1),
                      "fedavg": (24000, 1), "strongest": (10000, 4)}
     assert all(len(p.budgets) <= 1 for p in thorough.levels)  # thorough keeps its fixed paper budgets
