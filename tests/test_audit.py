@@ -354,9 +354,9 @@ def test_plan_skips_bn_levels_without_batchnorm_and_scales_budgets():
     iters = {p.level.key: (p.config.attack.iterations, p.config.attack.restarts) for p in thorough.levels}
     assert "dlg" not in iters
     # every detection level checks its budget on the reference detector, at its own 32 px
+    assert all(p.control is not None for p in thorough.levels)
     assert {(p.control.variant, p.control.size, p.control.attack.iterations) for p in thorough.levels} \
         == {("yolo-ref", 32, 24000), ("yolo-ref", 32, 10000)}
-    assert all(p.control is not None for p in thorough.levels)
     assert iters == {"realistic": (24000, 1), "bn_running": (10000, 1), "bn_eval": (24000, 1),
                      "fedavg": (24000, 1), "strongest": (10000, 4)}
     assert all(len(p.budgets) <= 1 for p in thorough.levels)  # thorough keeps its fixed paper budgets

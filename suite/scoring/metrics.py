@@ -318,9 +318,7 @@ def psnr_per_sample(a: torch.Tensor, b: torch.Tensor, content: torch.Tensor | No
     ``content``: (B, 4) xyxy regions (``Batch.content``) to score inside, as ``score`` does, so a
     step's PSNR and the final one read the same pixels (letterboxed detection images); None: whole images.
     """
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    return [_cap(float(peak_signal_noise_ratio(x, t, data_range=1.0))) for x, t in _unmatched_crops(a, b, content)]
+    return [_psnr(x, t) for x, t in _unmatched_crops(a, b, content)]
 
 
 @torch.no_grad()
